@@ -1,0 +1,79 @@
+"""Similarity metrics g_theta(F, M o phi): SSD or LCC on images, or on features of a Dirac-initialised CNN."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from utils.similarity import lcc_data_term, lcc_map, ssd_data_term, ssd_map
+
+DIRAC_NOISE = 1e-7  # scale of the off-centre weights, biases and aggregation noise at initialisation
+
+
+class FeatureExtractor(nn.Module):
+    """f: 3D convs (kernel 3, replicate padding, LeakyReLU) then a 1x1 aggregation over channels without bias.
+
+    Initialised to the Dirac delta so that f(x) ~= x for x >= 0: the learnt metric starts as its baseline.
+    """
+
+    def __init__(self, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2):
+        super().__init__()
+        channels = [1, *no_features]
+        self.convs = nn.ModuleList(nn.Conv3d(c_in, c_out, 3, padding=1, padding_mode="replicate")
+                                   for c_in, c_out in zip(channels[:-1], channels[1:]))
+        self.activation = nn.LeakyReLU(negative_slope)
+        self.aggregation = nn.Conv1d(channels[-1], 1, kernel_size=1, bias=False)
+        self.init_dirac()
+
+    @torch.no_grad()
+    def init_dirac(self) -> None:
+        """Near-zero weights but a positive centre tap, L1-normalised over output channels; aggregation ~1."""
+        for conv in self.convs:
+            conv.weight.normal_(0.0, DIRAC_NOISE)
+            centre = torch.rand(conv.out_channels, conv.in_channels, dtype=conv.weight.dtype)
+            conv.weight[:, :, 1, 1, 1] = centre / centre.sum(0, keepdim=True)
+            conv.bias.normal_(0.0, DIRAC_NOISE)
+        self.aggregation.weight.fill_(1.0).add_(torch.randn_like(self.aggregation.weight) * DIRAC_NOISE)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) -> (B, 1, D, H, W)."""
+        x = image
+        for conv in self.convs:
+            x = self.activation(conv(x))
+        return self.aggregation(x.flatten(2)).view_as(image)
+
+
+class SimilarityMetric(nn.Module):
+    """Data term of SSD (0.5 sum z) or LCC (-sum z) inside the fixed mask, on f(images).
+
+    With ``learnable=False`` f is the identity (the baseline metric) and the module has no parameters.
+    """
+
+    def __init__(self, kind: str, learnable: bool, s: int = 1, no_features: Sequence[int] = (4, 8, 8),
+                 negative_slope: float = 0.2):
+        super().__init__()
+        if kind not in ("SSD", "LCC"):
+            raise ValueError(f"unknown similarity metric {kind!r}: expected 'SSD' or 'LCC'")
+        self.kind, self.s = kind, s
+        self.features = FeatureExtractor(no_features, negative_slope) if learnable else nn.Identity()
+
+    @property
+    def learnable(self) -> bool:
+        return isinstance(self.features, FeatureExtractor)
+
+    def z_map(self, fixed_features: torch.Tensor, warped_features: torch.Tensor) -> torch.Tensor:
+        """Voxelwise similarity map z (B, 1, D, H, W) of two feature images."""
+        if self.kind == "SSD":
+            return ssd_map(fixed_features, warped_features)
+        return lcc_map(fixed_features, warped_features, self.s)
+
+    def data_term_from_features(self, fixed_features: torch.Tensor, warped_features: torch.Tensor,
+                                mask: torch.Tensor) -> torch.Tensor:
+        """Data term per pair (B,), given f(F) and f(M o phi)."""
+        z = self.z_map(fixed_features, warped_features)
+        return ssd_data_term(z, mask) if self.kind == "SSD" else lcc_data_term(z, mask)
+
+    def forward(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Data term per pair (B,) of images (B, 1, D, H, W) inside the fixed mask."""
+        return self.data_term_from_features(self.features(fixed), self.features(warped), mask)

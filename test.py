@@ -1,0 +1,50 @@
+"""Register images with a baseline or learnt metric: ``test.py -c CONFIG [-r CHECKPOINT]``.
+
+Without ``-r`` the metric is the baseline (SSD or LCC of the config's data_loss).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.run_folder import create_run_folder, write_config
+from trainer.tester import Tester
+from utils.config import ConfigError, load_config
+from utils.distributed import setup, teardown
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-c", "--config", required=True, help="JSON config")
+    parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric (default: the baseline metric)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config key, e.g. --set trainer.no_iters_q_v=64 (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    context = setup(args.device, args.local_rank)
+    try:
+        config = load_config(args.config, args.set)
+        checkpoint = load_checkpoint(args.resume, context.device) if args.resume else None
+        if checkpoint is None and config.model.args.learnable:
+            config.model.args.learnable = False  # no learnt weights: test with the baseline metric
+        folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
+        if context.is_main:
+            write_config(folder, config.to_dict())
+        Tester(config, folder, context, checkpoint).test()
+        return folder
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")

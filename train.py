@@ -1,0 +1,55 @@
+"""Learn a similarity metric: ``[torchrun --nproc_per_node=N] train.py -c CONFIG [-r CHECKPOINT]``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.run_folder import create_run_folder, write_config
+from trainer.trainer import Trainer
+from utils.config import ConfigError, load_config, parse_config
+from utils.distributed import setup, teardown
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-c", "--config", help="JSON config (with -r alone: the run's own config.json)")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config key, e.g. --set trainer.no_epochs=2 (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.config and not args.resume:
+        parser.error("give a config (-c) or a checkpoint to resume (-r)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
+    context = setup(args.device, args.local_rank)
+    try:
+        checkpoint, folder = None, None
+        if args.resume:
+            checkpoint = load_checkpoint(args.resume, context.device)
+            folder = Path(args.resume).resolve().parent.parent
+        if args.config:
+            config = load_config(args.config, args.set)
+        else:
+            config = parse_config(checkpoint["config"], folder, f"{args.resume} (config)")
+        if folder is None:
+            folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
+        if context.is_main:
+            write_config(folder, config.to_dict())
+        return Trainer(config, folder, context, checkpoint).train()
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")

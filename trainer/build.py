@@ -1,0 +1,69 @@
+"""Objects of a run built from a validated config."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from data_loader.dataset import PairDataset
+from data_loader.demo import ensure_demo_dataset
+from model.energy import Energy
+from model.similarity import SimilarityMetric
+from model.transformation import SVF, SVFFD
+from utils.config import Config
+from utils.distributed import Context, barrier
+from utils.sobolev import sobolev_kernel
+
+
+def build_dataset(config: Config, context: Context) -> PairDataset:
+    """The pair dataset; rank 0 makes the embedded demo data first when the config asks for it."""
+    args = config.data_loader.args
+    if args.demo is not None:
+        if context.is_main:
+            ensure_demo_dataset(args.data_path, no_subjects=args.demo.no_subjects, size=args.demo.size,
+                                seed=args.demo.seed)
+        barrier(context)
+    return PairDataset(args.data_path, args.im_pairs, args.dims, args.im_filename, args.mask_filename,
+                       args.seg_filename)
+
+
+def build_loader(dataset: PairDataset, config: Config, context: Context, shuffle: bool) -> DataLoader:
+    """Batches of pairs, sharded across ranks (a one-rank sampler in a single process, for the same order)."""
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=shuffle,
+                                 seed=config.seed)
+    args = config.data_loader.args
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.no_workers,
+                      pin_memory=context.device.type == "cuda", persistent_workers=args.no_workers > 0)
+
+
+def build_similarity(config: Config) -> SimilarityMetric:
+    """g_theta: SSD or LCC, baseline or Dirac-initialised learnable."""
+    args = config.model.args
+    return SimilarityMetric(config.data_loss.type, args.learnable, args.s, args.no_features,
+                            args.activation.args.get("negative_slope", 0.2))
+
+
+def build_transformation(config: Config) -> SVF:
+    """SVF or SVFFD on the config's grid."""
+    dims, args = config.data_loader.args.dims, config.transformation_module.args
+    if config.transformation_module.type == "SVFFD_3D":
+        return SVFFD(dims, args.cps, args.no_steps)
+    return SVF(dims, args.no_steps)
+
+
+def build_energy(config: Config, similarity: SimilarityMetric) -> Energy:
+    """The q_v objective with the config's regulariser weight, Sobolev kernel and uniform noise."""
+    sobolev = config.Sobolev_grad
+    kernel = sobolev_kernel(sobolev.s, sobolev.lambda_) if sobolev.enabled else None
+    noise = config.trainer.uniform_noise
+    return Energy(build_transformation(config), similarity, config.reg_loss.args.w_reg, kernel,
+                  noise.magnitude if noise.enabled else 0.0)
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """Seed for one batch of one rank: a resumed run draws the same random numbers as an uninterrupted one."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch * 101 + rank) % (2 ** 63)
+
+
+def to_device(subject: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of one side of a batch on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in subject.items()}

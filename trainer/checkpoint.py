@@ -1,0 +1,70 @@
+"""Checkpoints of a learnt similarity metric: plain dicts of state dicts, loaded with weights_only=True."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.similarity import SimilarityMetric
+from utils.io import atomic_torch_save
+
+CHECKPOINT_KIND = "learnsim/similarity-metric"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, of another kind, or does not fit the configured model."""
+
+
+def similarity_signature(similarity: SimilarityMetric) -> dict:
+    """What a checkpoint must agree on with the model that loads it."""
+    return {"type": similarity.kind, "learnable": similarity.learnable}
+
+
+def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: SimilarityMetric, q_f: torch.nn.Module,
+                    optimizer_theta: torch.optim.Optimizer, optimizer_q_f: torch.optim.Optimizer,
+                    config: dict) -> None:
+    """Write a checkpoint atomically."""
+    atomic_torch_save({
+        "kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "epoch": epoch, "step": step,
+        "similarity": similarity_signature(similarity), "model": similarity.state_dict(),
+        "q_f": q_f.state_dict(), "optimizer_q_phi": optimizer_theta.state_dict(),
+        "optimizer_q_f": optimizer_q_f.state_dict(), "config": config,
+    }, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and check a checkpoint of this project; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    if checkpoint.get("kind") != CHECKPOINT_KIND:
+        if "model_state" in checkpoint and "inshape" in checkpoint.get("config", {}):
+            raise CheckpointError(f"{path}: this is a VoxelMorph checkpoint, not a learnt similarity metric")
+        raise CheckpointError(f"{path}: not a learnsim similarity-metric checkpoint (kind "
+                              f"{checkpoint.get('kind')!r}, keys {sorted(checkpoint)[:8]})")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
+                              f"(expected {FORMAT_VERSION})")
+    return checkpoint
+
+
+def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:
+    """Load theta into ``similarity``; fail clearly if the checkpoint is of another metric or shape."""
+    expected, found = similarity_signature(similarity), checkpoint["similarity"]
+    if expected != found:
+        raise CheckpointError(f"{source}: the checkpoint holds a {found} metric but the config asks for {expected}")
+    state = checkpoint["model"]
+    own = similarity.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{source}: model weights do not fit the configured metric (missing {missing}, "
+                              f"unexpected {unexpected}, wrong shape {wrong}); check model.args.no_features")
+    similarity.load_state_dict(state)

@@ -1,0 +1,47 @@
+"""q_v inference for a batch of pairs: no_iters_q_v Adam steps on the q_v loss, theta fixed."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from model.energy import Energy
+from model.variational import QV
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Turn off gradients of a module's parameters for the duration (theta during the q_v iterations)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
+            no_iters: int, lr: float, progress: bool = False, log_period: int = 0,
+            log=None) -> dict[str, torch.Tensor]:
+    """Optimise q_v in place; returns the per-pair terms of the last iteration.
+
+    As in the reference, Adam is created anew for every batch. ``log(iteration, terms)`` is called every
+    ``log_period`` iterations (never when 0), so logging stays off the hot loop.
+    """
+    optimizer = torch.optim.Adam(q_v.parameters(), lr=lr)
+    with frozen(energy.similarity), torch.no_grad():
+        fixed_features = energy.similarity.features(fixed)
+    terms: dict[str, torch.Tensor] = {}
+    with frozen(energy.similarity):
+        for iteration in tqdm(range(1, no_iters + 1), desc="q_v", leave=False, disable=not progress):
+            optimizer.zero_grad(set_to_none=True)
+            loss, terms = energy.q_v_loss(q_v, fixed_features, moving, mask)
+            loss.backward()
+            optimizer.step()
+            if log is not None and log_period and iteration % log_period == 0:
+                log(iteration, terms)
+    return terms

@@ -1,0 +1,42 @@
+"""Warping and scaling-and-squaring integration of stationary velocity fields (conventions: utils.grid)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from utils.grid import ALIGN_CORNERS, identity_grid, to_grid_order, voxel_to_normalised
+
+NO_SQUARINGS = 12  # the reference integrates v / 2^12 with 12 squarings
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "border") -> torch.Tensor:
+    """Sample ``image`` (B, C, D, H, W) at x + displacement(x); displacement (B, 3, D, H, W), voxel units.
+
+    ``mode='bilinear'`` is trilinear in 3D; use ``'nearest'`` for masks and label maps.
+    """
+    shape = displacement.shape[2:]
+    scale = voxel_to_normalised(shape, displacement.device, displacement.dtype)
+    grid = identity_grid(shape, displacement.device, displacement.dtype) + to_grid_order(displacement * scale)
+    if mode == "nearest" and not image.is_floating_point():
+        sampled = F.grid_sample(image.to(displacement.dtype), grid, mode="nearest",
+                                padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+        return sampled.round().to(image.dtype)
+    return F.grid_sample(image.to(displacement.dtype), grid, mode=mode, padding_mode=padding_mode,
+                         align_corners=ALIGN_CORNERS)
+
+
+def integrate_velocity(velocity: torch.Tensor, no_squarings: int = NO_SQUARINGS) -> torch.Tensor:
+    """Displacement u of phi = exp(v) by scaling and squaring; velocity and result (B, 3, D, H, W), voxel units.
+
+    As in the reference: u0 = v / 2^N in normalised units, then N times u <- u + u o (id + u), each
+    composition a trilinear sample with border padding.
+    """
+    shape = velocity.shape[2:]
+    scale = voxel_to_normalised(shape, velocity.device, velocity.dtype)
+    grid = identity_grid(shape, velocity.device, velocity.dtype)
+    u = (velocity * scale / 2 ** no_squarings).flip(1)  # normalised, channels in grid order (W, H, D)
+    for _ in range(no_squarings):
+        u = u + F.grid_sample(u, grid + u.permute(0, 2, 3, 4, 1), mode="bilinear",
+                              padding_mode="border", align_corners=ALIGN_CORNERS)
+    return u.flip(1) / scale

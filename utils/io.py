@@ -1,0 +1,157 @@
+"""File I/O: atomic writes, and NIfTI reading and writing that keeps the stored geometry.
+
+Arrays keep the NIfTI array axis order (the project's axes 0, 1, 2; see utils.grid) and the orientation exactly as
+stored: nothing is ever reoriented. Every error message names the file it is about.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+import torch
+
+PathLike = str | os.PathLike
+KINDS = ("image", "mask", "seg")
+NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    The temporary name ends with the target's name, so writers that pick a format from the extension (nibabel's
+    ``.nii.gz``) see the right one. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # not created here (mkstemp would make it 0600): the writer creates it with the usual permissions
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a half-written file at ``path``."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file lazily (header only), with clear errors for missing, corrupt or non-NIfTI files."""
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {path}")
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types (ImageFileError, gzip/zlib errors, EOFError, ...)
+        raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
+    if not isinstance(img, NIFTI_CLASSES):
+        raise ValueError(f"cannot read NIfTI file {path}: it is a {type(img).__name__}, not NIfTI")
+    return img
+
+
+def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """The 3D shape of a stored shape; trailing singleton dimensions are accepted, anything else is not 3D."""
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+        raise ValueError(f"{path}: expected a 3D image, got shape {tuple(shape)}")
+    return tuple(int(n) for n in shape[:3])
+
+
+def read_nifti_header(path: PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine (4, 4) float64) of a 3D NIfTI file, reading the header only."""
+    path = Path(path)
+    img = _open_nifti(path)
+    return _spatial_shape(img.shape, path), np.asarray(img.affine, dtype=np.float64)
+
+
+def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI file as (array, affine (4, 4) float64); ``kind``: image -> float32, mask -> bool, seg -> int64.
+
+    Images must be finite; masks and segmentations must hold integer values (a mask is True where non-zero).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    img = _open_nifti(path)
+    shape = _spatial_shape(img.shape, path)
+    try:
+        if kind == "image":
+            array = img.get_fdata(dtype=np.float32)
+        else:
+            # the raw stored values (scaled only if the header asks for it): no float rounding of label ids
+            array = np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated or corrupt data block
+        raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
+    array = np.asarray(array).reshape(shape)
+    affine = np.asarray(img.affine, dtype=np.float64)
+
+    if kind == "image":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{path}: image contains {np.count_nonzero(~np.isfinite(array))} NaN or Inf values")
+        return array, affine
+
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{path}: {kind} must hold integer values, found non-integer ones")
+    elif array.dtype.kind not in "iub":
+        raise ValueError(f"{path}: {kind} has unsupported data type {array.dtype}")
+    if kind == "mask":
+        return array != 0, affine
+    return array.astype(np.int64), affine
+
+
+def _storage_dtype(array: np.ndarray, path: Path) -> np.dtype:
+    """The on-disk dtype when none is asked for: bool -> uint8 and int64 -> int32 (NIfTI readers' common ground)."""
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if array.dtype in (np.int64, np.uint64):
+        info = np.iinfo(np.int32)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(f"{path}: integer values do not fit in int32; pass dtype explicitly")
+        return np.dtype(np.int32)
+    return array.dtype
+
+
+def save_nifti(path: PathLike, array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tensor,
+               dtype: np.dtype | str | None = None) -> None:
+    """Write a 3D array (D, H, W) or vector image (D, H, W, C) atomically, with qform and sform = ``affine``.
+
+    Vector images are stored 5D, (D, H, W, 1, C), with intent "vector", as the NIfTI standard asks.
+    """
+    path = Path(path)
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if isinstance(affine, torch.Tensor):
+        affine = affine.detach().cpu().numpy()
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"{path}: affine must be (4, 4), got {affine.shape}")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"{path}: expected a 3D array or a (D, H, W, C) vector image, got shape {array.shape}")
+    dtype = np.dtype(dtype) if dtype is not None else _storage_dtype(array, path)
+    array = array.astype(dtype, copy=False)
+    if array.ndim == 4:
+        array = array[:, :, :, np.newaxis, :]
+
+    img = nib.Nifti1Image(array, affine, dtype=dtype)
+    img.set_qform(affine, code="scanner")
+    img.set_sform(affine, code="scanner")
+    img.header.set_xyzt_units(xyz="mm")
+    if array.ndim == 5:
+        img.header.set_intent("vector")
+    with atomic_write(path) as tmp:
+        nib.save(img, tmp)

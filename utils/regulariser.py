@@ -1,0 +1,20 @@
+"""The regulariser on the velocity: squared forward differences."""
+from __future__ import annotations
+
+import torch
+
+
+def squared_forward_differences(velocity: torch.Tensor) -> torch.Tensor:
+    """Sum over voxels, components and axes of (v(x + e_k) - v(x))^2, per pair (B,).
+
+    Replicate padding at the far edge makes the last difference of each axis zero.
+    """
+    total = velocity.new_zeros(velocity.shape[0])
+    for axis in range(2, 5):
+        total = total + (velocity.diff(dim=axis) ** 2).flatten(1).sum(1)
+    return total
+
+
+def reg_term(velocity: torch.Tensor, w_reg: float) -> torch.Tensor:
+    """0.5 * w_reg * squared forward differences of v, per pair (B,)."""
+    return 0.5 * w_reg * squared_forward_differences(velocity)
