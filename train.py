@@ -9,7 +9,7 @@ from pathlib import Path
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.run_folder import create_run_folder, write_config
 from trainer.trainer import Trainer
-from utils.config import ConfigError, load_config, parse_config
+from utils.config import ConfigError, apply_overrides, load_config, parse_config
 from utils.distributed import setup, teardown
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         if args.config:
             config = load_config(args.config, args.set)
         else:
-            config = parse_config(checkpoint["config"], folder, f"{args.resume} (config)")
+            config = parse_config(apply_overrides(checkpoint["config"], args.set), folder, f"{args.resume} (config)")
         if folder is None:
             folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
         if context.is_main:

@@ -10,8 +10,10 @@ from tqdm import tqdm
 
 from model.energy import ContrastiveLoss
 from model.variational import QF, QV
-from trainer.build import (batch_seed, build_dataset, build_energy, build_loader, build_similarity, to_device)
+from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
+                           to_device)
 from trainer.checkpoint import load_similarity, save_checkpoint
+from trainer.monitor import TrainingMonitor
 from trainer.q_v_inference import fit_q_v
 from trainer.q_v_store import QVStore
 from trainer.run_folder import get_logger
@@ -33,6 +35,7 @@ class Trainer:
             raise ConfigError(f"{config.source}: data_loader.args.im_pairs: training learns q_f over one atlas, "
                               f"but the pairs list {len(fixed_ids)} fixed images")
         self.loader = build_loader(self.dataset, config, context, shuffle=True)
+        torch.manual_seed(config.seed)  # the same config starts from the same Dirac initialisation
         self.similarity = build_similarity(config)
         self.energy = build_energy(config, self.similarity).to(device)
         q_f_args = config.q_f.args
@@ -48,6 +51,7 @@ class Trainer:
                             if context.distributed else self.contrastive)
         self.store = QVStore(self.folder / "q_v")
         self.writer = SummaryWriter(str(self.folder / "log")) if context.is_main else None
+        self.monitor = TrainingMonitor(self.writer, config, context, build_labels(config))  # Dice, images, histograms
 
     def _resume(self, checkpoint: dict) -> None:
         load_similarity(self.similarity, checkpoint, "checkpoint")
@@ -75,6 +79,7 @@ class Trainer:
                         progress=self.context.is_main)
         for i, pid in enumerate(batch["pair_id"]):
             self.store.save(pid, epoch, q_v.state(i))
+        self.monitor.after_q_v(batch, q_v, self.energy, self.q_f, step=self.step + 1)
         warped = self.energy.sample_warped(q_v, moving["im"])
         self.optimizer_theta.zero_grad(set_to_none=True)
         self.optimizer_q_f.zero_grad(set_to_none=True)
@@ -100,6 +105,7 @@ class Trainer:
                 if self.writer is not None:
                     for key, value in values.items():
                         self.writer.add_scalar(key, value, self.step)
+            self.monitor.end_epoch(epoch, self.step, self.similarity, self.q_f)
             last = self._end_epoch(epoch)
         if self.writer is not None:
             self.writer.close()

@@ -1,0 +1,76 @@
+"""Two gloo processes on one CPU: pairs are sharded, and theta and q_f stay identical on every rank."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import REPO, tiny_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from trainer.run_folder import create_run_folder
+    from trainer.trainer import Trainer
+    from utils.config import load_config
+    from utils.distributed import setup, teardown
+
+    context = setup("cpu")
+    config = load_config(config_path)
+    folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
+    trainer = Trainer(config, folder, context)
+    pairs_seen = []
+    original = trainer.train_batch
+
+    def recording(batch, epoch, index):
+        pairs_seen.extend(batch["pair_id"])
+        return original(batch, epoch, index)
+
+    trainer.train_batch = recording
+    trainer.train()
+    torch.save({"model": trainer.similarity.state_dict(), "q_f": trainer.q_f.state_dict(),
+                "pairs": pairs_seen, "folder": str(folder)}, f"{out}/rank{rank}.pt")
+    teardown()
+
+
+def test_two_gloo_ranks_end_with_identical_theta_and_q_f(tmp_path):
+    config_path = tiny_config(tmp_path, subjects=5, no_epochs=1, no_iters_q_v=2)
+    mp.spawn(_train_rank, args=(2, _free_port(), str(config_path), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["folder"] == rank1["folder"], "ranks wrote to different run folders"
+    assert set(rank0["pairs"]).isdisjoint(rank1["pairs"]), "pairs were not sharded"
+    assert len(rank0["pairs"]) + len(rank1["pairs"]) == 4
+    for part in ("model", "q_f"):
+        for key, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][key]), f"{part}.{key} differs between ranks"
+    initial = torch.load(next(tmp_path.rglob("checkpoint_epoch1.pt")), weights_only=True)["model"]
+    assert all(torch.equal(initial[k], rank0["model"][k]) for k in initial)
+
+
+@pytest.mark.parametrize("launcher", [
+    ["-m", "torch.distributed.run", "--nproc_per_node=2"],
+    ["-m", "torch.distributed.launch", "--nproc_per_node=2"],
+], ids=["torchrun", "legacy-launch"])
+def test_train_py_runs_under_the_launchers(tmp_path, launcher):
+    config_path = tiny_config(tmp_path, no_epochs=1, no_iters_q_v=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, *launcher, f"--master_port={_free_port()}", "train.py",
+                             "-c", str(config_path), "--device", "cpu"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.rglob("checkpoint_epoch1.pt"))) == 1
