@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> Path | None:
             folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
         if context.is_main:
             write_config(folder, config.to_dict())
-        return Trainer(config, folder, context, checkpoint).train()
+        last = Trainer(config, folder, context, checkpoint).train()
+        if context.is_main and last is not None:
+            sys.stdout.write(f"checkpoint: {last}\nregister with it: python test.py -c CONFIG -r {last}\n")
+        return last
     finally:
         teardown()
 
