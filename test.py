@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> Path:
         checkpoint = load_checkpoint(args.resume, context.device) if args.resume else None
         if checkpoint is None and config.model.args.learnable:
             config.model.args.learnable = False  # no learnt weights: test with the baseline metric
+            if context.is_main:
+                sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
         folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
         if context.is_main:
             write_config(folder, config.to_dict())
