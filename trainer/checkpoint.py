@@ -45,10 +45,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
     if checkpoint.get("kind") != CHECKPOINT_KIND:
-        if "model_state" in checkpoint and "inshape" in checkpoint.get("config", {}):
+        config = checkpoint.get("config")
+        if "model_state" in checkpoint and isinstance(config, dict) and "inshape" in config:
             raise CheckpointError(f"{path}: this is a VoxelMorph checkpoint, not a learnt similarity metric")
         raise CheckpointError(f"{path}: not a learnsim similarity-metric checkpoint (kind "
-                              f"{checkpoint.get('kind')!r}, keys {sorted(checkpoint)[:8]})")
+                              f"{checkpoint.get('kind')!r}, keys {sorted(map(str, checkpoint))[:8]})")
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
