@@ -105,3 +105,35 @@ def resample_to_input(array: ArrayT, input_shape: Sequence[int], dims: Sequence[
             raise ValueError(f"expected an array of shape {dims}, got {tuple(array.shape)}")
         return array
     return _resample(array, np.linalg.inv(working_to_input(input_shape, dims)), dims, input_shape, mode)
+
+
+def displacement_to_world(displacement: ArrayT, affine: np.ndarray) -> ArrayT:
+    """Voxel-unit displacement (3, D, H, W) along the array axes of a grid -> mm along the world axes of ``affine``.
+
+    world_k = sum_j A[k, j] u_j with A the 3x3 part of the grid's voxel-to-world affine (scaling, rotation, flips).
+    numpy in, numpy out; tensor in, tensor out.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if isinstance(displacement, np.ndarray):
+        return np.einsum("kj,j...->k...", matrix, displacement).astype(displacement.dtype, copy=False)
+    matrix = torch.as_tensor(matrix, dtype=displacement.dtype, device=displacement.device)
+    return torch.einsum("kj,j...->k...", matrix, displacement)
+
+
+def displacement_to_input_world(displacement: ArrayT, input_affine: np.ndarray, input_shape: Sequence[int],
+                                 dims: Sequence[int]) -> ArrayT:
+    """Working-grid displacement (3, *dims), working voxels -> input grid (3, *input_shape), mm, world axes.
+
+    Resampled linearly (``resample_to_input`` keeps the components as they are), then each component k is scaled
+    by the input voxels per working voxel along axis k (the diagonal of ``working_to_input``), then turned into
+    world axes by the input affine. The result is the displacement x -> phi(x) - x of the fixed input grid's
+    world points, e.g. for a NIfTI vector image with the fixed image's affine.
+    """
+    scale = np.diag(working_to_input(input_shape, dims))[:3]
+    resampled = resample_to_input(displacement, input_shape, dims, "linear")
+    if isinstance(resampled, np.ndarray):
+        resampled = resampled * scale.reshape(3, 1, 1, 1).astype(resampled.dtype)
+    else:
+        resampled = resampled * torch.as_tensor(scale, dtype=resampled.dtype,
+                                                device=resampled.device).view(3, 1, 1, 1)
+    return displacement_to_world(resampled, input_affine)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data_loader.dataset import PairDataset
+from data_loader.dataset import DEFAULT_LABELS, PairDataset, load_labels
 from data_loader.demo import ensure_demo_dataset
 from model.energy import Energy
 from model.similarity import SimilarityMetric
@@ -24,6 +24,12 @@ def build_dataset(config: Config, context: Context) -> PairDataset:
         barrier(context)
     return PairDataset(args.data_path, args.im_pairs, args.dims, args.im_filename, args.mask_filename,
                        args.seg_filename)
+
+
+def build_labels(config: Config) -> dict[str, int]:
+    """Evaluation structures (name -> label id): the config's labels file, else the 15 structures of METHOD.md."""
+    labels = config.data_loader.args.labels
+    return load_labels(labels) if labels else dict(DEFAULT_LABELS)
 
 
 def build_loader(dataset: PairDataset, config: Config, context: Context, shuffle: bool) -> DataLoader:

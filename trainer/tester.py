@@ -1,27 +1,69 @@
-"""Registration with a fixed metric (baseline or learnt): q_v inference per pair, then evaluation of the result."""
+"""Registration with a fixed metric (baseline or learnt): q_v inference per pair, then evaluation of the result.
+
+Per pair: metrics of the identity (before registration), of the posterior mean and of ``no_samples_test`` samples
+of q_v; the uncertainty map (std of the displacement over the samples) and how it relates to label error; and,
+when the config asks for them, images, fields and a figure in ``<run folder>/pairs/<pair_id>/`` (docs/outputs.md).
+The run folder gets ``metrics.csv``, ``summary.json`` and ``summary.png``.
+"""
 from __future__ import annotations
 
 import csv
 import json
 import math
 from pathlib import Path
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_loader.dataset import DEFAULT_LABELS, load_labels
+from data_loader.geometry import displacement_to_world
 from model.variational import QV
-from trainer.build import batch_seed, build_dataset, build_energy, build_loader, build_similarity, to_device
+from trainer import outputs
+from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
+                           to_device)
 from trainer.checkpoint import load_similarity
+from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
+                                sample_displacements, summarise, voxel_spacing)
 from trainer.q_v_inference import fit_q_v
 from trainer.run_folder import get_logger
+from utils.compare import by_structure
 from utils.config import Config
 from utils.distributed import Context
+from utils.figures import comparison_boxplots, pair_panel
 from utils.flow import warp
 from utils.io import atomic_write, atomic_write_text
-from utils.metrics import dice
+from utils.metrics import jacobian_determinant, uncertainty_error_stats
+
+SUMMARY_FIGURE = "summary.png"
+
+
+def _sample_order(sample: str) -> int:
+    """Rows sort identity, mean, then samples 0, 1, ..."""
+    if sample in ("identity", "mean"):
+        return -2 if sample == "identity" else -1
+    return int(sample)
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN and infinities -> None (JSON null), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def kept_items(index: int, batch_size: int, loader_batch_size: int, context: Context, dataset_size: int) -> list[bool]:
+    """False for the items of batch ``index`` that DistributedSampler (no shuffling) repeats to even out the ranks.
+
+    The sampler pads range(dataset_size) with its first indices and gives rank r the positions r, r + W, ...;
+    positions from dataset_size on are the repeats.
+    """
+    start = index * loader_batch_size
+    return [context.rank + context.world_size * (start + i) < dataset_size for i in range(batch_size)]
 
 
 class Tester:
@@ -36,8 +78,11 @@ class Tester:
         if checkpoint is not None:
             load_similarity(self.similarity, checkpoint, "checkpoint")
         self.energy = build_energy(config, self.similarity).to(context.device)
-        labels = config.data_loader.args.labels
-        self.labels = load_labels(labels) if labels else DEFAULT_LABELS
+        self.labels = build_labels(config)
+        self.no_samples = config.trainer.no_samples_test
+        if self.no_samples < 2:
+            self.logger.warning("no_samples_test = %d: the displacement std (uncertainty) needs at least 2 samples "
+                                "and is left out", self.no_samples)
 
     def register(self, batch: dict, index: int) -> QV:
         """q_v of a batch of pairs, inferred from the initial q_v."""
@@ -52,53 +97,142 @@ class Tester:
         return q_v
 
     @torch.no_grad()
-    def mean_displacement(self, q_v: QV) -> torch.Tensor:
-        """Displacement (B, 3, *dims), voxel units, of the posterior mean of the (smoothed) velocity."""
-        return self.energy.transformation(self.energy.smooth(q_v.mu))
+    def evaluate(self, batch: dict, q_v: QV, keep: Sequence[bool] | None = None) -> tuple[list[dict], dict]:
+        """Metric rows (identity, posterior mean, samples) and uncertainty statistics of a batch; writes its files.
 
-    def evaluate(self, batch: dict, q_v: QV) -> list[dict]:
-        """Dice per structure before (identity) and after registration with the posterior mean."""
-        if "seg" not in batch["fixed"]:
-            return []
-        displacement = self.mean_displacement(q_v).cpu()
-        warped_seg = warp(batch["moving"]["seg"], displacement, mode="nearest")
-        label_ids = list(self.labels.values())
-        rows = []
-        for i, pair_id in enumerate(batch["pair_id"]):
-            fixed_seg = batch["fixed"]["seg"][i, 0]
-            before = dice(fixed_seg, batch["moving"]["seg"][i, 0], label_ids)
-            after = dice(fixed_seg, warped_seg[i, 0], label_ids)
-            for name, b, a in zip(self.labels, before, after):
-                rows.append({"pair_id": pair_id, "structure": name, "dice_before": float(b), "dice_after": float(a)})
-        return rows
+        Pairs with ``keep[i]`` False (repeats that even out the ranks) are neither evaluated nor written.
+        Returns (rows, {pair_id: uncertainty statistics}).
+        """
+        device, batch_size = self.context.device, len(batch["pair_id"])
+        keep = list(keep) if keep is not None else [True] * batch_size
+        fixed, moving = batch["fixed"], batch["moving"]
+        has_seg = "seg" in fixed and "seg" in moving
+        geometries = [outputs.PairGeometry.from_batch(batch, i) for i in range(batch_size)]
+        spacings = [voxel_spacing(g.affine) for g in geometries]
+        identities = [{"pair_id": batch["pair_id"][i], "fixed_id": batch["fixed_id"][i],
+                       "moving_id": batch["moving_id"][i]} for i in range(batch_size)]
+        masks = fixed["mask"][:, 0] > 0
+        fixed_segs = fixed["seg"][:, 0] if has_seg else None
+        moving_im = moving["im"].to(device)
+        moving_seg = moving["seg"].to(device) if has_seg else None
+
+        def rows_of(sample: str, warped_seg: torch.Tensor | None, displacement: torch.Tensor) -> list[dict]:
+            rows = []
+            for i in range(batch_size):
+                if keep[i]:
+                    rows += metric_rows(identities[i], sample, fixed_segs[i] if has_seg else None,
+                                        warped_seg[i, 0] if warped_seg is not None else None, displacement[i],
+                                        self.labels, spacings[i], masks[i])
+            return rows
+
+        def warp_both(displacement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            warped_im = warp(moving_im, displacement).cpu()
+            warped_seg = warp(moving_seg, displacement, mode="nearest").cpu() if has_seg else None
+            return warped_im, warped_seg
+
+        rows = rows_of("identity", moving["seg"] if has_seg else None, torch.zeros(batch_size, 3, *geometries[0].dims))
+        mean = mean_displacement(self.energy, q_v)
+        mean_im, mean_seg = warp_both(mean)
+        rows += rows_of("mean", mean_seg, mean.cpu())
+
+        writers = [outputs.PairWriter(self.folder / outputs.PAIRS_FOLDER / identities[i]["pair_id"], geometries[i])
+                   if keep[i] and self.config.trainer.save_outputs else None for i in range(batch_size)]
+        world = torch.stack([torch.as_tensor(g.affine[:3, :3]) for g in geometries]).to(device, mean.dtype)
+        moments = RunningMoments()
+        for k, displacement in enumerate(sample_displacements(self.energy, q_v, self.no_samples)):
+            sample_im, sample_seg = warp_both(displacement)
+            rows += rows_of(str(k), sample_seg, displacement.cpu())
+            moments.update(torch.einsum("bkj,bj...->bk...", world, displacement))  # mm, world axes
+            for i, writer in enumerate(writers):
+                if writer is not None:
+                    writer.scalar(f"{outputs.SAMPLES_FOLDER}/{outputs.sample_name('warped_im', k)}",
+                                  sample_im[i, 0], "linear")
+                    if has_seg:
+                        writer.labels(f"{outputs.SAMPLES_FOLDER}/{outputs.sample_name('warped_seg', k)}",
+                                      sample_seg[i, 0])
+        # the uncertainty map: sqrt of the summed per-axis variances = RMS distance of the samples to their mean
+        std = moments.variance().sum(1).sqrt().float().cpu() if self.no_samples > 1 else None
+        det_j = jacobian_determinant(mean).cpu()
+        mean = mean.cpu()
+
+        uncertainty = {}
+        for i in range(batch_size):
+            if not keep[i]:
+                continue
+            pair_id = identities[i]["pair_id"]
+            if std is not None:
+                uncertainty[pair_id] = (
+                    uncertainty_error_stats(std[i], fixed_segs[i], mean_seg[i, 0], list(self.labels.values()),
+                                            masks[i]) if has_seg
+                    else {"mean_uncertainty_mask": float(std[i][masks[i]].mean())})
+            self._write_pair(writers[i], i, pair_id, batch, mean_im, mean_seg, mean, std, det_j, spacings[i],
+                             geometries[i], has_seg)
+        return rows, uncertainty
+
+    def _write_pair(self, writer: outputs.PairWriter | None, i: int, pair_id: str, batch: dict,
+                    mean_im: torch.Tensor, mean_seg: torch.Tensor | None, mean: torch.Tensor,
+                    std: torch.Tensor | None, det_j: torch.Tensor, spacing: Sequence[float],
+                    geometry: outputs.PairGeometry, has_seg: bool) -> None:
+        """The NIfTI files and the figure of pair i of a batch (working-grid tensors, on the CPU)."""
+        if writer is not None:
+            writer.scalar(outputs.WARPED_IM, mean_im[i, 0], "linear")
+            if has_seg:
+                writer.labels(outputs.WARPED_SEG, mean_seg[i, 0])
+            writer.displacement(outputs.DISPLACEMENT, mean[i])
+            if std is not None:
+                writer.scalar(outputs.DISPLACEMENT_STD, std[i], "linear")
+            writer.scalar(outputs.DET_JACOBIAN, det_j[i], "linear")
+        if self.config.trainer.save_figures:
+            pair_panel(self.folder / outputs.PAIRS_FOLDER / pair_id / outputs.PANEL,
+                       batch["fixed"]["im"][i, 0].numpy(), batch["moving"]["im"][i, 0].numpy(),
+                       mean_im[i, 0].numpy(), batch["fixed"]["seg"][i, 0].numpy() if has_seg else None,
+                       mean_seg[i, 0].numpy() if has_seg else None,
+                       displacement_to_world(mean[i].double().numpy(), geometry.affine),
+                       std[i].numpy() if std is not None else None, det_j[i].numpy(), spacing,
+                       list(self.labels.values()), title=f"{pair_id} (working grid, posterior mean)")
 
     def test(self) -> list[dict]:
-        """Register all pairs; rank 0 gathers, writes ``metrics.csv`` and ``summary.json`` and logs a table."""
-        rows = []
+        """Register all pairs; rank 0 gathers, writes metrics.csv, summary.json and summary.png and prints a table."""
+        rows, uncertainty = [], {}
         for index, batch in enumerate(tqdm(self.loader, desc="pairs", disable=not self.context.is_main)):
             q_v = self.register(batch, index)
-            rows += self.evaluate(batch, q_v)
+            keep = kept_items(index, len(batch["pair_id"]), self.config.data_loader.args.batch_size, self.context,
+                              len(self.dataset))
+            batch_rows, batch_uncertainty = self.evaluate(batch, q_v, keep)
+            rows += batch_rows
+            uncertainty.update(batch_uncertainty)
         if self.context.distributed:
             gathered = [None] * self.context.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        unique = {(r["pair_id"], r["structure"]): r for r in rows}  # the sampler repeats pairs to even out ranks
-        rows = sorted(unique.values(), key=lambda r: (r["pair_id"], r["structure"]))
+            dist.all_gather_object(gathered, (rows, uncertainty))
+            rows = [row for part, _ in gathered for row in part]
+            uncertainty = {pair: stats for _, part in gathered for pair, stats in part.items()}
+        order = {name: k for k, name in enumerate(self.labels)}
+        unique = {(r["pair_id"], r["sample"], r["structure"]): r for r in rows}
+        rows = sorted(unique.values(), key=lambda r: (r["pair_id"], _sample_order(r["sample"]),
+                                                      order.get(r["structure"], -1)))
         if self.context.is_main and rows:
-            self._write(rows)
+            self._write(rows, uncertainty)
         return rows
 
-    def _write(self, rows: list[dict]) -> None:
+    def _write(self, rows: list[dict], uncertainty: dict) -> dict:
+        """metrics.csv, summary.json, summary.png, and the table on the console and in test.log."""
         with atomic_write(self.folder / "metrics.csv") as tmp:
             with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer = csv.DictWriter(handle, fieldnames=list(ROW_FIELDS))
                 writer.writeheader()
                 writer.writerows(rows)
-        summary = {}
-        for key in ("dice_before", "dice_after"):
-            values = np.array([r[key] for r in rows], dtype=float)
-            summary[f"mean_{key}"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-        atomic_write_text(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.logger.info("mean Dice over %d pairs and %d structures: before %.3f, after %.3f",
-                         len({r["pair_id"] for r in rows}), len(self.labels),
-                         summary["mean_dice_before"], summary["mean_dice_after"])
+        summary = _json_ready(summarise(rows, uncertainty, self.no_samples, self.labels))
+        atomic_write_text(self.folder / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        if self.config.trainer.save_figures and any(r["structure"] for r in rows):
+            comparison_boxplots(self.folder / SUMMARY_FIGURE,
+                                {"before (identity)": by_structure(rows, "identity"),
+                                 "after (posterior mean)": by_structure(rows, "mean"),
+                                 f"samples of q_v ({self.no_samples})": by_structure(rows, "samples")},
+                                metrics=("dice", "asd_mm", "hd95_mm"), title=self.config.name)
+        self.logger.info("results per structure (posterior mean unless stated), %d pairs:\n%s",
+                         summary["no_pairs"], format_table(summary))
+        before, after = summary["mean_dice_before"], summary["mean_dice_after"]
+        self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s", summary["no_pairs"],
+                         len(self.labels), "n/a" if before is None else f"{before:.3f}",
+                         "n/a" if after is None else f"{after:.3f}")
+        return summary

@@ -183,6 +183,8 @@ class TrainerArgs(Section):
     no_epochs: int = 1
     no_samples_test: int = 5
     log_period: int = 64
+    save_outputs: bool = True  # test: per-pair NIfTI images and fields on the input grid (docs/outputs.md)
+    save_figures: bool = True  # test: per-pair PNG panel and per-structure box plots; train: TensorBoard images
 
     def check(self, where: str) -> None:
         if min(self.no_iters_q_v, self.no_epochs, self.no_samples_test, self.log_period) < 1:
@@ -251,7 +253,8 @@ def _parse(tp: Any, value: Any, where: str, base: Path) -> Any:
             return None
         return _parse(next(a for a in args if a is not type(None)), value, where, base)
     if origin is Literal:
-        if value not in args:
+        # compare types too: 0 == False and 1 == True, but a number is not a valid boolean flag
+        if not any(value == a and type(value) is type(a) for a in args):
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if dataclasses.is_dataclass(tp):
