@@ -8,10 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import load_checkpoint
+from trainer.cli import add_common_arguments, run
 from trainer.run_folder import create_run_folder, write_config
 from trainer.tester import Tester
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.distributed import setup, teardown
 
 
@@ -19,10 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", required=True, help="JSON config")
     parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric (default: the baseline metric)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one config key, e.g. --set trainer.no_iters_q_v=64 (repeatable)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -46,7 +44,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run(main)

@@ -6,10 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import load_checkpoint
+from trainer.cli import add_common_arguments, run
 from trainer.run_folder import create_run_folder, write_config
 from trainer.trainer import Trainer
-from utils.config import ConfigError, apply_overrides, load_config, parse_config
+from utils.config import apply_overrides, load_config, parse_config
 from utils.distributed import setup, teardown
 
 
@@ -17,10 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", help="JSON config (with -r alone: the run's own config.json)")
     parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one config key, e.g. --set trainer.no_epochs=2 (repeatable)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
@@ -52,7 +50,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run(main)

@@ -1,0 +1,103 @@
+"""Accuracy benchmark: learn SSD/LCC metrics, register the pairs with baseline and learnt metrics, compare.
+
+    python -m benchmarks.accuracy --configs configs/synthbrain --metrics SSD LCC \
+        --out benchmarks/results/accuracy_synthbrain.json [--checkpoint SSD=PATH ...]
+
+Without ``--checkpoint`` the metric is trained first with ``config_train_<M>.json``. Every step is timed.
+The table reports the mean over pairs and structures of the posterior-mean registration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import test as test_script
+import train as train_script
+from utils.io import atomic_write_text
+
+QUANTITIES = ("dice", "asd_mm", "hd95_mm", "folding_percent", "log_jacobian_std")
+
+
+def _timed(function, *args):
+    start = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - start
+
+
+def _summary(folder: Path) -> dict:
+    """The posterior-mean metrics of a test run: overall means and per-structure mean Dice / ASD."""
+    summary = json.loads((folder / "summary.json").read_text())
+    mean = summary["metrics"]["mean"]
+    return {
+        "overall": {q: mean[q]["mean"] for q in QUANTITIES},
+        "before": {q: summary["metrics"]["identity"][q]["mean"] for q in ("dice", "asd_mm", "hd95_mm")},
+        "per_structure": {name: {q: values["mean"][q] for q in ("dice", "asd_mm")}
+                          for name, values in summary["per_structure"].items()},
+        "uncertainty": {k: v for k, v in summary["uncertainty"].items() if k != "per_pair"},
+        "folder": str(folder),
+    }
+
+
+def run_metric(configs: Path, metric: str, checkpoint: str | None) -> dict:
+    """Train (unless a checkpoint is given), then register with the baseline and the learnt metric."""
+    folder = configs / metric
+    result: dict = {"metric": metric}
+    if checkpoint is None:
+        checkpoint, result["train_seconds"] = _timed(train_script.main, ["-c", str(folder / f"config_train_{metric}.json")])
+    result["checkpoint"] = str(checkpoint)
+    baseline, result["test_baseline_seconds"] = _timed(
+        test_script.main, ["-c", str(folder / f"config_test_baseline_{metric}.json")])
+    learnt, result["test_learnt_seconds"] = _timed(
+        test_script.main, ["-c", str(folder / f"config_test_learnt_{metric}.json"), "-r", str(checkpoint)])
+    result["baseline"], result["learnt"] = _summary(baseline), _summary(learnt)
+    result["learnt_minus_baseline"] = {q: result["learnt"]["overall"][q] - result["baseline"]["overall"][q]
+                                       for q in QUANTITIES}
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table: overall and per-structure Dice / ASD, baseline vs learnt."""
+    lines = ["| metric | structure | Dice baseline | Dice learnt | diff | ASD baseline (mm) | ASD learnt (mm) | diff |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        rows = [("**all**", r["baseline"]["overall"], r["learnt"]["overall"])]
+        rows += [(name, r["baseline"]["per_structure"][name], r["learnt"]["per_structure"][name])
+                 for name in r["baseline"]["per_structure"]]
+        for name, b, l in rows:
+            lines.append(f"| {r['metric']} | {name} | {b['dice']:.3f} | {l['dice']:.3f} | {l['dice'] - b['dice']:+.3f} "
+                         f"| {b['asd_mm']:.3f} | {l['asd_mm']:.3f} | {l['asd_mm'] - b['asd_mm']:+.3f} |")
+    lines.append("")
+    lines.append("| metric | Dice before | folding % baseline | folding % learnt | std log detJ baseline | std log detJ learnt |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        b, l = r["baseline"]["overall"], r["learnt"]["overall"]
+        lines.append(f"| {r['metric']} | {r['baseline']['before']['dice']:.3f} | {b['folding_percent']:.4f} | "
+                     f"{l['folding_percent']:.4f} | {b['log_jacobian_std']:.4f} | {l['log_jacobian_std']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, default=Path("configs/synthbrain"))
+    parser.add_argument("--metrics", nargs="+", default=["SSD", "LCC"], choices=["SSD", "LCC"])
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="METRIC=PATH",
+                        help="use this learnt metric instead of training one")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_synthbrain.json"))
+    args = parser.parse_args(argv)
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    results = [run_metric(args.configs, metric, checkpoints.get(metric)) for metric in args.metrics]
+    report = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")},
+              "results": results, "table": table(results)}
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+    print(report["table"])
+    return report
+
+
+if __name__ == "__main__":
+    main()
