@@ -1,7 +1,7 @@
 """Accuracy benchmark: learn SSD/LCC metrics, register the pairs with baseline and learnt metrics, compare.
 
     python -m benchmarks.accuracy --configs configs/synthbrain --metrics SSD LCC \
-        --out benchmarks/results/accuracy_synthbrain.json [--checkpoint SSD=PATH ...]
+        --out benchmarks/results/accuracy_synthbrain.json [--checkpoint SSD=PATH ...] [--set KEY=VALUE ...]
 
 Without ``--checkpoint`` the metric is trained first with ``config_train_<M>.json``. Every step is timed.
 The table reports the mean over pairs and structures of the posterior-mean registration.
@@ -43,17 +43,21 @@ def _summary(folder: Path) -> dict:
     }
 
 
-def run_metric(configs: Path, metric: str, checkpoint: str | None) -> dict:
-    """Train (unless a checkpoint is given), then register with the baseline and the learnt metric."""
+def run_metric(configs: Path, metric: str, checkpoint: str | None, overrides: list[str]) -> dict:
+    """Train (unless a checkpoint is given), then register with the baseline and the learnt metric.
+
+    ``overrides`` (``KEY.PATH=VALUE``) apply to both registration runs, not to training.
+    """
     folder = configs / metric
-    result: dict = {"metric": metric}
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    result: dict = {"metric": metric, "test_overrides": overrides}
     if checkpoint is None:
         checkpoint, result["train_seconds"] = _timed(train_script.main, ["-c", str(folder / f"config_train_{metric}.json")])
     result["checkpoint"] = str(checkpoint)
     baseline, result["test_baseline_seconds"] = _timed(
-        test_script.main, ["-c", str(folder / f"config_test_baseline_{metric}.json")])
+        test_script.main, ["-c", str(folder / f"config_test_baseline_{metric}.json"), *sets])
     learnt, result["test_learnt_seconds"] = _timed(
-        test_script.main, ["-c", str(folder / f"config_test_learnt_{metric}.json"), "-r", str(checkpoint)])
+        test_script.main, ["-c", str(folder / f"config_test_learnt_{metric}.json"), "-r", str(checkpoint), *sets])
     result["baseline"], result["learnt"] = _summary(baseline), _summary(learnt)
     result["learnt_minus_baseline"] = {q: result["learnt"]["overall"][q] - result["baseline"]["overall"][q]
                                        for q in QUANTITIES}
@@ -87,10 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--metrics", nargs="+", default=["SSD", "LCC"], choices=["SSD", "LCC"])
     parser.add_argument("--checkpoint", action="append", default=[], metavar="METRIC=PATH",
                         help="use this learnt metric instead of training one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="config override for the registration runs (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_synthbrain.json"))
     args = parser.parse_args(argv)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    results = [run_metric(args.configs, metric, checkpoints.get(metric)) for metric in args.metrics]
+    results = [run_metric(args.configs, metric, checkpoints.get(metric), args.set) for metric in args.metrics]
     report = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")},
               "results": results, "table": table(results)}
