@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def _summary(folder: Path) -> dict:
         "per_structure": {name: {q: values["mean"][q] for q in ("dice", "asd_mm")}
                           for name, values in summary["per_structure"].items()},
         "uncertainty": {k: v for k, v in summary["uncertainty"].items() if k != "per_pair"},
-        "folder": str(folder),
+        "folder": os.path.relpath(folder),
     }
 
 
@@ -53,7 +54,7 @@ def run_metric(configs: Path, metric: str, checkpoint: str | None, overrides: li
     result: dict = {"metric": metric, "test_overrides": overrides}
     if checkpoint is None:
         checkpoint, result["train_seconds"] = _timed(train_script.main, ["-c", str(folder / f"config_train_{metric}.json")])
-    result["checkpoint"] = str(checkpoint)
+    result["checkpoint"] = os.path.relpath(checkpoint)
     baseline, result["test_baseline_seconds"] = _timed(
         test_script.main, ["-c", str(folder / f"config_test_baseline_{metric}.json"), *sets])
     learnt, result["test_learnt_seconds"] = _timed(
