@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from utils.similarity import lcc_data_term, lcc_map, ssd_data_term, ssd_map
 
@@ -15,10 +17,14 @@ class FeatureExtractor(nn.Module):
     """f: 3D convs (kernel 3, replicate padding, LeakyReLU) then a 1x1 aggregation over channels without bias.
 
     Initialised to the Dirac delta so that f(x) ~= x for x >= 0: the learnt metric starts as its baseline.
+    ``channels_last`` runs the convolutions on channels-last (NDHWC) tensors, faster with oneDNN on CPU
+    (benchmarks/README.md); it changes nothing but the float32 round-off.
     """
 
-    def __init__(self, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2):
+    def __init__(self, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
+                 channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         channels = [1, *no_features]
         self.convs = nn.ModuleList(nn.Conv3d(c_in, c_out, 3, padding=1, padding_mode="replicate")
                                    for c_in, c_out in zip(channels[:-1], channels[1:]))
@@ -38,10 +44,46 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) -> (B, 1, D, H, W)."""
+        memory_format = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        # theta frozen (the q_v iterations): only the image gradient is needed, and it is cheaper as a
+        # forward convolution with the flipped kernel than through convolution_backward
+        frozen = torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters())
         x = image
         for conv in self.convs:
-            x = self.activation(conv(x))
-        return self.aggregation(x.flatten(2)).view_as(image)
+            padding = [p for p in conv.padding for _ in range(2)]  # the same on both sides of each axis
+            x = F.pad(x, padding, mode=conv.padding_mode).contiguous(memory_format=memory_format)
+            x = _FrozenConv3d.apply(x, conv.weight, conv.bias, memory_format) if frozen else F.conv3d(
+                x, conv.weight, conv.bias)
+            x = self.activation(x)
+        # the 1x1 aggregation (a Conv1d without bias) as a matrix product over channels: the same sums
+        weight = self.aggregation.weight.squeeze(-1)  # (1, C)
+        if self.channels_last:
+            return torch.matmul(x.permute(0, 2, 3, 4, 1), weight.t()).permute(0, 4, 1, 2, 3)
+        return torch.matmul(weight, x.flatten(2)).view_as(image)
+
+
+class _FrozenConv3d(torch.autograd.Function):
+    """conv3d(x, weight, bias) without padding, differentiable in x only (weight and bias are constants).
+
+    The input gradient, a full correlation of the output gradient with the flipped and transposed kernel, is
+    computed as a forward convolution, which oneDNN does faster on CPU than convolution_backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                memory_format: torch.memory_format) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.memory_format = memory_format
+        return F.conv3d(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        padding = [k - 1 for k in weight.shape[2:]]
+        grad_input = F.conv3d(grad_output.contiguous(memory_format=ctx.memory_format),
+                              weight.flip(2, 3, 4).transpose(0, 1), padding=padding)
+        return grad_input, None, None, None
 
 
 class SimilarityMetric(nn.Module):
@@ -51,12 +93,13 @@ class SimilarityMetric(nn.Module):
     """
 
     def __init__(self, kind: str, learnable: bool, s: int = 1, no_features: Sequence[int] = (4, 8, 8),
-                 negative_slope: float = 0.2):
+                 negative_slope: float = 0.2, channels_last: bool = False):
         super().__init__()
         if kind not in ("SSD", "LCC"):
             raise ValueError(f"unknown similarity metric {kind!r}: expected 'SSD' or 'LCC'")
         self.kind, self.s = kind, s
-        self.features = FeatureExtractor(no_features, negative_slope) if learnable else nn.Identity()
+        self.features = (FeatureExtractor(no_features, negative_slope, channels_last) if learnable
+                         else nn.Identity())
 
     @property
     def learnable(self) -> bool:

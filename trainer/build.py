@@ -45,7 +45,7 @@ def build_similarity(config: Config) -> SimilarityMetric:
     """g_theta: SSD or LCC, baseline or Dirac-initialised learnable."""
     args = config.model.args
     return SimilarityMetric(config.data_loss.type, args.learnable, args.s, args.no_features,
-                            args.activation.args.get("negative_slope", 0.2))
+                            args.activation.args.get("negative_slope", 0.2), config.trainer.channels_last)
 
 
 def build_transformation(config: Config) -> SVF:

@@ -14,7 +14,7 @@ from trainer.build import (batch_seed, build_dataset, build_energy, build_labels
                            to_device)
 from trainer.checkpoint import load_similarity, save_checkpoint
 from trainer.monitor import TrainingMonitor
-from trainer.q_v_inference import fit_q_v
+from trainer.q_v_inference import denormals_flushed, fit_q_v
 from trainer.q_v_store import QVStore
 from trainer.run_folder import get_logger
 from utils.config import Config, ConfigError
@@ -83,8 +83,9 @@ class Trainer:
         warped = self.energy.sample_warped(q_v, moving["im"])
         self.optimizer_theta.zero_grad(set_to_none=True)
         self.optimizer_q_f.zero_grad(set_to_none=True)
-        loss_theta = self.step_module(fixed["im"], warped, fixed["mask"])
-        loss_theta.backward()
+        with denormals_flushed(self.context.device.type == "cpu"):
+            loss_theta = self.step_module(fixed["im"], warped, fixed["mask"])
+            loss_theta.backward()
         self.optimizer_theta.step()
         self.optimizer_q_f.step()
         logged = torch.stack([t.mean() for t in terms.values()] + [loss_theta.detach()])

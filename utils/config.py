@@ -183,6 +183,7 @@ class TrainerArgs(Section):
     no_epochs: int = 1
     no_samples_test: int = 5
     log_period: int = 64
+    channels_last: bool = False  # learnt metric's convolutions on NDHWC tensors: faster on CPU (benchmarks/README.md)
     save_outputs: bool = True  # test: per-pair NIfTI images and fields on the input grid (docs/outputs.md)
     save_figures: bool = True  # test: per-pair PNG panel and per-structure box plots; train: TensorBoard images
 

@@ -17,7 +17,8 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
     """
     shape = displacement.shape[2:]
     scale = voxel_to_normalised(shape, displacement.device, displacement.dtype)
-    grid = identity_grid(shape, displacement.device, displacement.dtype) + to_grid_order(displacement * scale)
+    grid = torch.addcmul(identity_grid(shape, displacement.device, displacement.dtype),
+                         to_grid_order(displacement), to_grid_order(scale))
     if mode == "nearest" and not image.is_floating_point():
         sampled = F.grid_sample(image.to(displacement.dtype), grid, mode="nearest",
                                 padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
@@ -35,7 +36,8 @@ def integrate_velocity(velocity: torch.Tensor, no_squarings: int = NO_SQUARINGS)
     shape = velocity.shape[2:]
     scale = voxel_to_normalised(shape, velocity.device, velocity.dtype)
     grid = identity_grid(shape, velocity.device, velocity.dtype)
-    u = (velocity * scale / 2 ** no_squarings).flip(1)  # normalised, channels in grid order (W, H, D)
+    # normalised, channels in grid order (W, H, D); dividing by 2^N is exact, so the order of the factors is free
+    u = velocity.flip(1) * (scale / 2 ** no_squarings).flip(1)
     for _ in range(no_squarings):
         u = u + F.grid_sample(u, grid + u.permute(0, 2, 3, 4, 1), mode="bilinear",
                               padding_mode="border", align_corners=ALIGN_CORNERS)

@@ -17,16 +17,27 @@ def sobolev_kernel(s: int = 3, lambda_: float = 0.5, dtype=torch.float32, device
 
 
 def separable_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Filter every channel of x (B, C, D, H, W) with the 1D kernel along each spatial axis, replicate padding."""
-    channels, radius = x.shape[1], (kernel.numel() - 1) // 2
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        weight = kernel.view(shape).expand(channels, *shape[1:])
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=channels)
+    """Filter every channel of x (B, C, D, H, W) with the 1D kernel along each spatial axis, replicate padding.
+
+    The kernel (odd length) is correlated, not flipped. Each axis is a weighted sum of shifted views of the
+    padded tensor, cheaper on CPU than a depthwise 3D convolution with a 1D kernel.
+    """
+    radius = (kernel.numel() - 1) // 2
+    kernel = kernel.to(dtype=x.dtype, device=x.device)
+    for axis in range(2, 5):
+        x = _filter_axis(x, kernel, axis, radius)
     return x
+
+
+def _filter_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
+    size = x.shape[axis]
+    pad = [0] * 6
+    pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = radius  # F.pad lists the last axis first
+    padded = F.pad(x, pad, mode="replicate")
+    out = padded.narrow(axis, 0, size) * kernel[0]
+    for tap in range(1, kernel.numel()):
+        out.addcmul_(padded.narrow(axis, tap, size), kernel[tap])
+    return out
 
 
 class _SobolevGradient(torch.autograd.Function):
