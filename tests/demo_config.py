@@ -1,13 +1,11 @@
-"""Helpers of the output tests: tiny configs derived from configs/demo/test.json, and a one-thread CPU."""
+"""Tiny configs for the end-to-end tests, derived from configs/demo/{train,test}.json."""
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
+from data_loader.demo import make_demo_dataset
 from utils.config import Config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +31,16 @@ def demo_config(data_path: Path, save_dir: Path, **kwargs) -> Config:
     return parse_config(demo_config_dict(data_path, save_dir, **kwargs), ROOT, "demo test config")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_config(tmp_path: Path, size: int = 16, subjects: int = 3, **trainer) -> Path:
+    """configs/demo/train.json on a tiny demo dataset in tmp_path, written to tmp_path/config.json."""
+    data = tmp_path / "data"
+    if not data.exists():
+        make_demo_dataset(data, no_subjects=subjects, size=size, seed=1)
+    config = json.loads((ROOT / "configs" / "demo" / "train.json").read_text())
+    args = config["data_loader"]["args"]
+    args.update({"data_path": str(data), "dims": [size] * 3, "batch_size": 1})
+    args.pop("demo")
+    config["trainer"].update({"no_epochs": 2, "no_iters_q_v": 3, "save_dir": str(tmp_path / "saved"), **trainer})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path

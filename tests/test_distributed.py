@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import REPO, tiny_config
+from tests.demo_config import ROOT as REPO, tiny_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -8,9 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train as train_entry
 from data_loader.demo import make_demo_dataset
-from demo_config import demo_config_dict, one_thread  # noqa: F401  (fixture)
+from tests.demo_config import demo_config_dict
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def events(folder) -> EventAccumulator:

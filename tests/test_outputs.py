@@ -9,7 +9,7 @@ import torch
 from data_loader.demo import make_demo_dataset
 from data_loader.geometry import (displacement_to_input_world, displacement_to_world, working_affine,
                                   working_to_input)
-from demo_config import demo_config, one_thread  # noqa: F401  (fixture)
+from tests.demo_config import demo_config
 from model.variational import QV
 from trainer import outputs
 from trainer.run_folder import create_run_folder
@@ -18,7 +18,6 @@ from utils.distributed import setup
 from utils.io import load_nifti, save_nifti
 from utils.metrics import dice
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # array axis 0 -> world +y (1.2 mm), axis 1 -> world +z (2.0 mm), axis 2 -> world -x (1.5 mm)
 INPUT_AFFINE = np.array([[0.0, 0.0, -1.5, 12.0],

@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 import test as test_entry
 from data_loader.demo import make_demo_dataset
-from demo_config import demo_config, demo_config_dict, one_thread  # noqa: F401  (fixture)
+from tests.demo_config import demo_config, demo_config_dict
 from model.variational import QV
 from trainer import outputs
 from trainer.evaluation import ROW_FIELDS
@@ -27,7 +27,6 @@ from trainer.tester import kept_items
 from utils.distributed import Context, setup
 from utils.io import load_nifti
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16  # demo images 16^3 and dims 16^3: the working grid is the input grid, files and metrics compare 1:1
 NO_SAMPLES = 3

@@ -8,7 +8,7 @@ import torch
 
 import train
 from model.variational import QV
-from tests.helpers import tiny_config
+from tests.demo_config import tiny_config
 from trainer.build import build_dataset, build_energy, build_similarity
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.q_v_inference import fit_q_v

@@ -37,13 +37,13 @@ class TrainingMonitor:
     @torch.no_grad()
     def after_q_v(self, batch: dict, q_v: QV, energy: Energy, q_f: QF, step: int) -> None:
         """After a batch's q_v inference: evaluate its posterior mean; images at step 1 and every log_period steps."""
-        self.epoch_results += batch_registration_metrics(energy, q_v, batch, self.labels)
+        displacement = mean_displacement(energy, q_v)
+        self.epoch_results += batch_registration_metrics(displacement, batch, self.labels)
         if self.writer is not None and self.log_images and (step == 1 or step % self.log_period == 0):
-            self._log_images(batch, q_v, energy, q_f, step)
+            self._log_images(batch, q_v, displacement[:1], q_f, step)
 
-    def _log_images(self, batch: dict, q_v: QV, energy: Energy, q_f: QF, step: int) -> None:
+    def _log_images(self, batch: dict, q_v: QV, displacement: torch.Tensor, q_f: QF, step: int) -> None:
         """Mid-slices (three orientations, each image min-max scaled) of the batch's first pair and of q_f."""
-        displacement = mean_displacement(energy, q_v)[:1]
         moving = batch["moving"]["im"][:1].to(displacement.device)
         warped = warp(moving, displacement)[0, 0]
         world = displacement_to_world(displacement[0].double().cpu().numpy(), batch["affine"][0].numpy())
