@@ -1,6 +1,8 @@
-"""Register images with a baseline or learnt metric: ``test.py -c CONFIG [-r CHECKPOINT]``.
+"""Register images: ``test.py -c CONFIG [-r CHECKPOINT]``.
 
-Without ``-r`` the metric is the baseline (SSD or LCC of the config's data_loss).
+With a q_v config (``model.type`` CNN_SSD / CNN_LCC), q_v inference per pair with the baseline metric, or with the
+learnt metric of ``-r``. With a VoxelMorph config (``model.type`` VxmDense), one forward pass per pair of the
+network of ``-r``: our VoxelMorph checkpoint, the authors' ``.tar.gz`` or the ``.pt`` inside it.
 """
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import CheckpointError, load_checkpoint, load_voxelmorph
 from trainer.cli import add_common_arguments, run
 from trainer.run_folder import create_run_folder, write_config
 from trainer.tester import Tester
+from trainer.vxm_tester import VxmTester, check_input_shape
 from utils.config import load_config
 from utils.distributed import setup, teardown
 
@@ -19,7 +22,8 @@ from utils.distributed import setup, teardown
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", required=True, help="JSON config")
-    parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric (default: the baseline metric)")
+    parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric (default: the baseline metric), or of "
+                                               "a VoxelMorph network (required with a VoxelMorph config)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -28,16 +32,23 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     context = setup(args.device, args.local_rank)
     try:
-        config = load_config(args.config, args.set)
-        checkpoint = load_checkpoint(args.resume, context.device) if args.resume else None
-        if checkpoint is None and config.model.args.learnable:
-            config.model.args.learnable = False  # no learnt weights: test with the baseline metric
-            if context.is_main:
+        config = load_config(args.config, args.set, mode="test")
+        if config.method == "voxelmorph":
+            if not args.resume:
+                raise CheckpointError(f"{config.source} is a {config.kind}: give the network to test with -r")
+            model, _ = load_voxelmorph(args.resume, context.device)
+            check_input_shape(model, config, args.resume)
+            folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
+            tester = VxmTester(config, folder, context, model, args.resume)
+        else:
+            checkpoint = load_checkpoint(args.resume, context.device) if args.resume else None
+            if checkpoint is None and config.model.args.learnable and context.is_main:
                 sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
-        folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
+            folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
+            tester = Tester(config, folder, context, checkpoint)
         if context.is_main:
             write_config(folder, config.to_dict())
-        Tester(config, folder, context, checkpoint).test()
+        tester.test()
         return folder
     finally:
         teardown()

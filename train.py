@@ -1,4 +1,9 @@
-"""Learn a similarity metric: ``[torchrun --nproc_per_node=N] train.py -c CONFIG [-r CHECKPOINT]``."""
+"""Learn a similarity metric, or train VoxelMorph with one: ``[torchrun --nproc_per_node=N] train.py -c CONFIG
+[-r CHECKPOINT]``.
+
+The config's ``model.type`` says which: ``CNN_SSD`` / ``CNN_LCC`` learn a metric by q_v inference, ``VxmDense``
+trains a VoxelMorph network.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import VXM_CHECKPOINT_KIND, CheckpointError, load_training_checkpoint
 from trainer.cli import add_common_arguments, run
 from trainer.run_folder import create_run_folder, write_config
 from trainer.trainer import Trainer
+from trainer.vxm_trainer import VxmTrainer
 from utils.config import apply_overrides, load_config, parse_config
 from utils.distributed import setup, teardown
 
@@ -31,17 +37,23 @@ def main(argv: list[str] | None = None) -> Path | None:
     try:
         checkpoint, folder = None, None
         if args.resume:
-            checkpoint = load_checkpoint(args.resume, context.device)
+            checkpoint = load_training_checkpoint(args.resume, context.device)
             folder = Path(args.resume).resolve().parent.parent
         if args.config:
-            config = load_config(args.config, args.set)
+            config = load_config(args.config, args.set, mode="train")
         else:
-            config = parse_config(apply_overrides(checkpoint["config"], args.set), folder, f"{args.resume} (config)")
+            config = parse_config(apply_overrides(checkpoint["config"], args.set), folder, f"{args.resume} (config)",
+                                  mode="train")
+        if checkpoint is not None and (checkpoint["kind"] == VXM_CHECKPOINT_KIND) != (config.method == "voxelmorph"):
+            what = "a VoxelMorph network" if checkpoint["kind"] == VXM_CHECKPOINT_KIND else "a learnt metric"
+            raise CheckpointError(f"{args.resume}: the checkpoint holds {what}, but {config.source} is a "
+                                  f"{config.kind}")
         if folder is None:
             folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
         if context.is_main:
             write_config(folder, config.to_dict())
-        last = Trainer(config, folder, context, checkpoint).train()
+        trainer = VxmTrainer if config.method == "voxelmorph" else Trainer
+        last = trainer(config, folder, context, checkpoint).train()
         if context.is_main and last is not None:
             sys.stdout.write(f"checkpoint: {last}\nregister with it: python test.py -c CONFIG -r {last}\n")
         return last

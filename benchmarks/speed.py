@@ -38,7 +38,7 @@ from model.energy import ContrastiveLoss, Energy
 from model.variational import QF, QV
 from trainer.build import build_energy, build_similarity
 from trainer.q_v_inference import fit_q_v
-from utils.config import Config, parse_config
+from utils.config import QVTestConfig, parse_config
 from utils.distributed import all_reduce_mean, barrier, setup, teardown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def machine_info(device: str) -> dict:
 
 
 def make_config(model: str, metric: str, variant: str, grid: int, batch: int, cps: int,
-                channels_last: bool = False) -> Config:
+                channels_last: bool = False) -> QVTestConfig:
     """The demo training config with the benchmark's transformation, metric, grid, batch size and flags."""
     data = json.loads(DEMO_CONFIG.read_text())
     data["model"]["type"] = f"CNN_{metric}"
@@ -89,7 +89,7 @@ def make_config(model: str, metric: str, variant: str, grid: int, batch: int, cp
     data["data_loader"]["args"]["batch_size"] = batch
     if channels_last:
         data["trainer"]["channels_last"] = True
-    return parse_config(data, DEMO_CONFIG.parent, f"{DEMO_CONFIG} (benchmark overrides)")
+    return parse_config(data, DEMO_CONFIG.parent, f"{DEMO_CONFIG} (benchmark overrides)", mode="test")
 
 
 def make_images(dims: list[int], batch: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
@@ -103,7 +103,7 @@ def make_images(dims: list[int], batch: int, device: torch.device, seed: int) ->
     return fixed.to(device), moving.to(device), mask.to(device)
 
 
-def build(config: Config, device: torch.device) -> tuple[Energy, ContrastiveLoss | None]:
+def build(config: QVTestConfig, device: torch.device) -> tuple[Energy, ContrastiveLoss | None]:
     """Energy and contrastive loss (None for a baseline metric), as the Trainer builds them."""
     similarity = build_similarity(config)
     energy = build_energy(config, similarity).to(device)
@@ -114,7 +114,7 @@ def build(config: Config, device: torch.device) -> tuple[Energy, ContrastiveLoss
     return energy, contrastive
 
 
-def initial_q_v(config: Config, energy: Energy, batch: int, device: torch.device) -> QV:
+def initial_q_v(config: QVTestConfig, energy: Energy, batch: int, device: torch.device) -> QV:
     """The initial q_v of ``batch`` pairs (mu 0, sigma_v_init, u_v_init)."""
     args = config.data_loader.args
     return QV.initial(batch, energy.transformation.velocity_shape, args.sigma_v_init, args.u_v_init, device)

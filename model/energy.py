@@ -34,6 +34,16 @@ class Energy(nn.Module):
             return sobolev_precondition(velocity, self.sobolev_kernel)
         return separable_filter(velocity, self.sobolev_kernel.to(velocity.dtype))
 
+    def smoothed_displacement(self, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocity -> (S(v), displacement of exp(S(v))), both (B, 3, ...) in voxel units: the one path from a
+        velocity (sample or mean of q_v) to the transformation; the regulariser needs S(v) too."""
+        smoothed = self.smooth(velocity)
+        return smoothed, self.transformation(smoothed)
+
+    def displacement(self, velocity: torch.Tensor) -> torch.Tensor:
+        """Displacement u (B, 3, *dims), voxel units, of phi = exp(S(v)) = id + u."""
+        return self.smoothed_displacement(velocity)[1]
+
     def warp_moving(self, moving: torch.Tensor, displacement: torch.Tensor, noisy: bool) -> torch.Tensor:
         """M o (id + u), with uniform noise on u when ``noisy`` and noise is enabled."""
         if noisy and self.noise_magnitude > 0:
@@ -52,8 +62,8 @@ class Energy(nn.Module):
         v1, v2 = q_v.sample()
         entropy_samples = 0.5 * (q_v.entropy_sample_term(v1) + q_v.entropy_sample_term(v2))
         samples = torch.cat([v1, v2])
-        smoothed = self.smooth(samples)
-        warped = self.warp_moving(moving.repeat(2, 1, 1, 1, 1), self.transformation(smoothed), noisy=True)
+        smoothed, displacement = self.smoothed_displacement(samples)
+        warped = self.warp_moving(moving.repeat(2, 1, 1, 1, 1), displacement, noisy=True)
         data = self.similarity.data_term_from_features(
             fixed_features.repeat(2, 1, 1, 1, 1), self.similarity.features(warped), mask.repeat(2, 1, 1, 1, 1))
         data = data.view(2, batch).mean(0)
@@ -66,8 +76,7 @@ class Energy(nn.Module):
     @torch.no_grad()
     def sample_warped(self, q_v: QV, moving: torch.Tensor) -> torch.Tensor:
         """M o phi for one sample v ~ q_v (smoothed, with noise), for the theta/q_f step."""
-        velocity = self.smooth(q_v.sample()[0])
-        return self.warp_moving(moving, self.transformation(velocity), noisy=True)
+        return self.warp_moving(moving, self.displacement(q_v.sample()[0]), noisy=True)
 
 
 class ContrastiveLoss(nn.Module):

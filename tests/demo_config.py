@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from data_loader.demo import make_demo_dataset
-from utils.config import Config, parse_config
+from utils.config import QVTestConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TEST_CONFIG = json.loads((ROOT / "configs" / "demo" / "test.json").read_text())
@@ -27,7 +27,7 @@ def demo_config_dict(data_path: Path, save_dir: Path, dims=(16, 16, 16), labels:
     return data
 
 
-def demo_config(data_path: Path, save_dir: Path, **kwargs) -> Config:
+def demo_config(data_path: Path, save_dir: Path, **kwargs) -> QVTestConfig:
     return parse_config(demo_config_dict(data_path, save_dir, **kwargs), ROOT, "demo test config")
 
 
@@ -42,5 +42,22 @@ def tiny_config(tmp_path: Path, size: int = 16, subjects: int = 3, **trainer) ->
     args.pop("demo")
     config["trainer"].update({"no_epochs": 2, "no_iters_q_v": 3, "save_dir": str(tmp_path / "saved"), **trainer})
     path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def tiny_vxm_config(tmp_path: Path, size: int = 16, subjects: int = 3, name: str = "train_vxm.json",
+                    **trainer) -> Path:
+    """configs/demo/``name`` (a VoxelMorph config) on a tiny demo dataset in tmp_path, written to tmp_path/name."""
+    data = tmp_path / "data"
+    if not data.exists():
+        make_demo_dataset(data, no_subjects=subjects, size=size, seed=1)
+    config = json.loads((ROOT / "configs" / "demo" / name).read_text())
+    args = config["data_loader"]["args"]
+    args.update({"data_path": str(data), "dims": [size] * 3, "batch_size": 1})
+    args.pop("demo")
+    epochs = {"no_epochs": 2} if config["data_loader"]["args"]["test"] is False else {}
+    config["trainer"].update({**epochs, "save_dir": str(tmp_path / "saved"), **trainer})
+    path = tmp_path / name
     path.write_text(json.dumps(config))
     return path

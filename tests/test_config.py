@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import Config, ConfigError, apply_overrides, load_config, parse_config
+from utils.config import (ConfigError, QVTestConfig, QVTrainConfig, VxmTestConfig, VxmTrainConfig, apply_overrides,
+                          load_config, parse_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
@@ -57,7 +58,8 @@ def load_error(tmp_path: Path, data: dict) -> str:
 @pytest.mark.parametrize("name", ["train.json", "test.json"])
 def test_demo_configs_load(name):
     config = load_config(DEMO / name)
-    assert isinstance(config, Config) and config.source == str(DEMO / name)
+    assert isinstance(config, QVTrainConfig if name == "train.json" else QVTestConfig)
+    assert config.source == str(DEMO / name)
     assert config.model.type == "CNN_SSD" and config.data_loss.type == "SSD"
     assert config.model.args.no_features == [4, 8, 8]
     assert config.Sobolev_grad.lambda_ == 0.5 and config.Sobolev_grad.s == 3
@@ -69,8 +71,17 @@ def test_demo_configs_load(name):
     assert isinstance(config.reg_loss.args.w_reg, float)
 
 
-def test_demo_train_config_can_train():
-    load_config(DEMO / "train.json").require_training()
+@pytest.mark.parametrize("name, mode, kind", [
+    ("train.json", None, QVTrainConfig), ("test.json", None, QVTestConfig),
+    ("train.json", "test", QVTestConfig), ("test.json", "train", QVTrainConfig),
+    ("train_vxm.json", None, VxmTrainConfig), ("test_vxm.json", None, VxmTestConfig),
+    ("train_vxm.json", "test", VxmTestConfig),
+])
+def test_the_kind_comes_from_model_type_and_the_entry_point(name, mode, kind):
+    """model.type names the method; the entry point (mode), else data_loader.args.test, the mode."""
+    config = load_config(DEMO / name, mode=mode)
+    assert type(config) is kind
+    assert config.method == ("voxelmorph" if "vxm" in name else "q_v")
 
 
 @pytest.mark.parametrize("key_path, value, expected", [
@@ -205,7 +216,7 @@ def test_overrides():
     assert overridden["trainer"]["no_iters_q_v"] == 8
     assert overridden["data_loader"]["args"]["dims"] == [16, 24, 32]
     assert overridden["name"] == "my run"  # not JSON: kept as a string
-    config = parse_config(overridden, DEMO)
+    config = parse_config(overridden, DEMO, mode="test")
     assert config.trainer.no_iters_q_v == 8 and config.data_loader.args.dims == [16, 24, 32]
     assert config.Sobolev_grad.lambda_ == 0.25 and config.model.args.learnable is False
 
@@ -237,15 +248,57 @@ def test_to_dict_round_trips(tmp_path, name):
     assert again.to_dict() == data
 
 
-def test_require_training(tmp_path):
-    for key in ("q_f", "optimizer_q_f", "optimizer_q_phi"):
-        config = load_config(write(tmp_path / key, delete_key(demo_data(), key)))
-        with pytest.raises(ConfigError, match=key) as error:
-            config.require_training()
-        assert "run.json" in str(error.value)
-    config = load_config(write(tmp_path / "baseline", demo_data()), ["model.args.learnable=false"])
-    with pytest.raises(ConfigError, match=r"model\.args\.learnable"):
-        config.require_training()
+@pytest.mark.parametrize("key", ["q_f", "optimizer_q_f", "optimizer_q_phi"])
+def test_q_v_training_needs_q_f_and_both_optimizers_but_testing_does_not(tmp_path, key):
+    data = delete_key(demo_data(), key)
+    message = load_error(tmp_path, data)
+    assert f"{key}: missing key" in message
+    path = write(tmp_path / "configs", data)
+    assert isinstance(load_config(path, mode="test"), QVTestConfig)
+
+
+def test_q_v_training_needs_a_learnable_metric_and_testing_does_not(tmp_path):
+    data = set_key(demo_data(), "model.args.learnable", False)
+    assert "model.args.learnable" in load_error(tmp_path, data)
+    config = load_config(write(tmp_path / "configs", data), mode="test")
+    assert config.model.args.learnable is False
+
+
+@pytest.mark.parametrize("key_path, value", [
+    ("trainer.no_iters_q_v", 8),  # q_v keys are unknown to a VoxelMorph run
+    ("data_loader.args.sigma_v_init", 0.5),
+    ("optimizer_q_v", {"type": "Adam", "args": {"lr": 0.1}}),
+    ("model.args.learnable", True),
+])
+def test_a_voxelmorph_config_refuses_q_v_keys(tmp_path, key_path, value):
+    message = load_error(tmp_path, set_key(demo_data("train_vxm.json"), key_path, value))
+    assert key_path in message and "unknown key" in message
+
+
+@pytest.mark.parametrize("key_path", ["data_loss", "reg_loss.args.w_reg", "optimizer", "model.type"])
+def test_voxelmorph_training_keys_are_required(tmp_path, key_path):
+    message = load_error(tmp_path, delete_key(demo_data("train_vxm.json"), key_path))
+    assert key_path in message and "missing" in message
+
+
+def test_voxelmorph_test_config_needs_only_the_data(tmp_path):
+    config = load_config(DEMO / "test_vxm.json")
+    assert config.model.args is None and config.data_loss is None and config.optimizer is None
+    assert "no_iters_q_v" not in config.to_dict()["trainer"]
+
+
+def test_metric_checkpoint_of_a_voxelmorph_data_term_resolves_against_the_config(tmp_path):
+    data = set_key(demo_data("train_vxm.json"), "data_loss.args.checkpoint", "../metrics/ssd.pt")
+    config = load_config(write(tmp_path / "configs", data))
+    assert config.data_loss.args.checkpoint == str((tmp_path / "metrics" / "ssd.pt").resolve())
+    data = set_key(data, "data_loss.args.checkpoint", "pretrained:SSD_learnt")
+    assert load_config(write(tmp_path / "configs", data)).data_loss.args.checkpoint == "pretrained:SSD_learnt"
+
+
+def test_parsing_never_edits_the_config():
+    """test.py registers with the baseline without a checkpoint, but the parsed config stays as written."""
+    config = load_config(DEMO / "test.json", mode="test")
+    assert config.model.args.learnable is True
 
 
 def test_missing_or_invalid_file(tmp_path):

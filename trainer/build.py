@@ -9,12 +9,12 @@ from data_loader.demo import ensure_demo_dataset
 from model.energy import Energy
 from model.similarity import SimilarityMetric
 from model.transformation import SVF, SVFFD
-from utils.config import Config
+from utils.config import QVTestConfig, RunConfig
 from utils.distributed import Context, barrier
 from utils.sobolev import sobolev_kernel
 
 
-def build_dataset(config: Config, context: Context) -> PairDataset:
+def build_dataset(config: RunConfig, context: Context) -> PairDataset:
     """The pair dataset; rank 0 makes the embedded demo data first when the config asks for it."""
     args = config.data_loader.args
     if args.demo is not None:
@@ -26,13 +26,13 @@ def build_dataset(config: Config, context: Context) -> PairDataset:
                        args.seg_filename)
 
 
-def build_labels(config: Config) -> dict[str, int]:
+def build_labels(config: RunConfig) -> dict[str, int]:
     """Evaluation structures (name -> label id): the config's labels file, else the 15 structures of METHOD.md."""
     labels = config.data_loader.args.labels
     return load_labels(labels) if labels else dict(DEFAULT_LABELS)
 
 
-def build_loader(dataset: PairDataset, config: Config, context: Context, shuffle: bool) -> DataLoader:
+def build_loader(dataset: PairDataset, config: RunConfig, context: Context, shuffle: bool) -> DataLoader:
     """Batches of pairs, sharded across ranks (a one-rank sampler in a single process, for the same order)."""
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=shuffle,
                                  seed=config.seed)
@@ -41,14 +41,15 @@ def build_loader(dataset: PairDataset, config: Config, context: Context, shuffle
                       pin_memory=context.device.type == "cuda", persistent_workers=args.no_workers > 0)
 
 
-def build_similarity(config: Config) -> SimilarityMetric:
-    """g_theta: SSD or LCC, baseline or Dirac-initialised learnable."""
+def build_similarity(config: QVTestConfig, learnable: bool | None = None) -> SimilarityMetric:
+    """g_theta: SSD or LCC, baseline or Dirac-initialised learnable (``learnable`` None: as the config says)."""
     args = config.model.args
-    return SimilarityMetric(config.data_loss.type, args.learnable, args.s, args.no_features,
+    learnable = args.learnable if learnable is None else learnable
+    return SimilarityMetric(config.data_loss.type, learnable, args.s, args.no_features,
                             args.activation.args.get("negative_slope", 0.2), config.trainer.channels_last)
 
 
-def build_transformation(config: Config) -> SVF:
+def build_transformation(config: QVTestConfig) -> SVF:
     """SVF or SVFFD on the config's grid."""
     dims, args = config.data_loader.args.dims, config.transformation_module.args
     if config.transformation_module.type == "SVFFD_3D":
@@ -56,7 +57,7 @@ def build_transformation(config: Config) -> SVF:
     return SVF(dims, args.no_steps)
 
 
-def build_energy(config: Config, similarity: SimilarityMetric) -> Energy:
+def build_energy(config: QVTestConfig, similarity: SimilarityMetric) -> Energy:
     """The q_v objective with the config's regulariser weight, Sobolev kernel and uniform noise."""
     sobolev = config.Sobolev_grad
     kernel = sobolev_kernel(sobolev.s, sobolev.lambda_) if sobolev.enabled else None

@@ -1,4 +1,5 @@
-"""Checkpoints of a learnt similarity metric: plain dicts of state dicts, loaded with weights_only=True."""
+"""Training checkpoints (a learnt similarity metric, or a VoxelMorph network): plain dicts of state dicts with a
+``kind``, loaded with weights_only=True."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,14 @@ from pathlib import Path
 import torch
 
 from model.similarity import SimilarityMetric
+from model.voxelmorph import VxmDense, load_authors_voxelmorph
 from utils.io import atomic_torch_save
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
+VXM_CHECKPOINT_KIND = "learnsim/voxelmorph"
 FORMAT_VERSION = 1
+TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # the authors ship each VoxelMorph network as a tarball
+VXM_HINT = "a VoxelMorph network registers with a VoxelMorph test config (model.type VxmDense)"
 
 
 class CheckpointError(ValueError):
@@ -21,20 +26,30 @@ def similarity_signature(similarity: SimilarityMetric) -> dict:
     return {"type": similarity.kind, "learnable": similarity.learnable}
 
 
+def save_run_checkpoint(path: Path, kind: str, *, epoch: int, step: int, config: dict, state: dict) -> None:
+    """Write a training checkpoint of any kind atomically: kind, format version, epoch, step, state dicts, config."""
+    atomic_torch_save({"kind": kind, "format_version": FORMAT_VERSION, "epoch": epoch, "step": step, **state,
+                       "config": config}, path)
+
+
+def metric_state(similarity: SimilarityMetric, q_f: torch.nn.Module, optimizer_theta: torch.optim.Optimizer,
+                 optimizer_q_f: torch.optim.Optimizer) -> dict:
+    """What a learnt-metric checkpoint holds besides its bookkeeping."""
+    return {"similarity": similarity_signature(similarity), "model": similarity.state_dict(),
+            "q_f": q_f.state_dict(), "optimizer_q_phi": optimizer_theta.state_dict(),
+            "optimizer_q_f": optimizer_q_f.state_dict()}
+
+
 def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: SimilarityMetric, q_f: torch.nn.Module,
                     optimizer_theta: torch.optim.Optimizer, optimizer_q_f: torch.optim.Optimizer,
                     config: dict) -> None:
-    """Write a checkpoint atomically."""
-    atomic_torch_save({
-        "kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "epoch": epoch, "step": step,
-        "similarity": similarity_signature(similarity), "model": similarity.state_dict(),
-        "q_f": q_f.state_dict(), "optimizer_q_phi": optimizer_theta.state_dict(),
-        "optimizer_q_f": optimizer_q_f.state_dict(), "config": config,
-    }, path)
+    """Write a learnt-metric checkpoint atomically."""
+    save_run_checkpoint(path, CHECKPOINT_KIND, epoch=epoch, step=step, config=config,
+                        state=metric_state(similarity, q_f, optimizer_theta, optimizer_q_f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a checkpoint of this project; clear errors for anything else."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The dict in a checkpoint file, loaded with weights_only=True; clear errors for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -44,16 +59,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def is_voxelmorph(checkpoint: dict) -> bool:
+    """Whether a checkpoint dict holds a VoxelMorph network: ours (its kind) or the authors' (config and model_state)."""
+    config = checkpoint.get("config")
+    return checkpoint.get("kind") == VXM_CHECKPOINT_KIND or (
+        "model_state" in checkpoint and isinstance(config, dict) and "inshape" in config)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and check a learnt-metric checkpoint of this project; clear errors for anything else."""
+    if Path(path).name.endswith(TARBALL_SUFFIXES):
+        raise CheckpointError(f"{path}: a tarball, not a learnt similarity-metric checkpoint; {VXM_HINT}")
+    checkpoint = read_checkpoint(path, map_location)
     if checkpoint.get("kind") != CHECKPOINT_KIND:
-        config = checkpoint.get("config")
-        if "model_state" in checkpoint and isinstance(config, dict) and "inshape" in config:
-            raise CheckpointError(f"{path}: this is a VoxelMorph checkpoint, not a learnt similarity metric")
+        if is_voxelmorph(checkpoint):
+            raise CheckpointError(f"{path}: this is a VoxelMorph checkpoint, not a learnt similarity metric; "
+                                  f"{VXM_HINT}")
         raise CheckpointError(f"{path}: not a learnsim similarity-metric checkpoint (kind "
                               f"{checkpoint.get('kind')!r}, keys {sorted(map(str, checkpoint))[:8]})")
+    check_format_version(checkpoint, path)
+    return checkpoint
+
+
+def check_format_version(checkpoint: dict, path: str | Path) -> None:
+    """Fail unless the checkpoint has the format version this code reads."""
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
-    return checkpoint
 
 
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:
@@ -69,3 +104,59 @@ def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str)
         raise CheckpointError(f"{source}: model weights do not fit the configured metric (missing {missing}, "
                               f"unexpected {unexpected}, wrong shape {wrong}); check model.args.no_features")
     similarity.load_state_dict(state)
+
+
+def similarity_from_checkpoint(checkpoint: dict, source: str) -> SimilarityMetric:
+    """The learnt metric of a learnt-metric checkpoint, rebuilt from the config it was trained with."""
+    try:
+        args = checkpoint["config"]["model"]["args"]
+        kind = checkpoint["similarity"]["type"]
+        similarity = SimilarityMetric(kind, True, args.get("s", 1), args["no_features"],
+                                      args.get("activation", {}).get("args", {}).get("negative_slope", 0.2))
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{source}: the checkpoint's config does not describe its metric ({error!r})") from None
+    load_similarity(similarity, checkpoint, source)
+    return similarity
+
+
+def vxm_state(model: VxmDense, optimizer: torch.optim.Optimizer) -> dict:
+    """What a VoxelMorph training checkpoint holds besides its bookkeeping: the network's constructor arguments
+    (``voxelmorph``), its weights (``model_state``, as in the authors' files) and the optimiser's state."""
+    return {"voxelmorph": model.config(), "model_state": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def load_voxelmorph(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VxmDense, dict | None]:
+    """The VoxelMorph network of a file: our training checkpoint, the authors' ``.tar.gz`` or the ``.pt`` in it.
+
+    Returns the network (on ``map_location``, eval mode) and our checkpoint dict (None for the authors' files).
+    A learnt-metric checkpoint, or anything else, fails with a message naming the file.
+    """
+    path = Path(path)
+    if path.name.endswith(TARBALL_SUFFIXES) and path.is_file():
+        return load_authors_voxelmorph(path, map_location), None
+    checkpoint = read_checkpoint(path, map_location)
+    if checkpoint.get("kind") == VXM_CHECKPOINT_KIND:
+        check_format_version(checkpoint, path)
+        model = VxmDense.from_config(checkpoint.get("voxelmorph"), str(path))
+    elif is_voxelmorph(checkpoint):
+        model = VxmDense.from_config(checkpoint["config"], str(path))
+    elif checkpoint.get("kind") == CHECKPOINT_KIND:
+        raise CheckpointError(f"{path}: this is a learnt similarity-metric checkpoint, not a VoxelMorph network")
+    else:
+        raise CheckpointError(f"{path}: not a VoxelMorph checkpoint (kind {checkpoint.get('kind')!r}, keys "
+                              f"{sorted(map(str, checkpoint))[:8]})")
+    model.load_weights(checkpoint["model_state"], str(path))
+    return model.to(map_location).eval(), checkpoint if checkpoint.get("kind") == VXM_CHECKPOINT_KIND else None
+
+
+def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint that train.py can resume: a learnt metric's or a VoxelMorph network's, of this project."""
+    checkpoint = read_checkpoint(path, map_location)
+    if checkpoint.get("kind") in (CHECKPOINT_KIND, VXM_CHECKPOINT_KIND):
+        check_format_version(checkpoint, path)
+        return checkpoint
+    if is_voxelmorph(checkpoint):
+        raise CheckpointError(f"{path}: this is the authors' VoxelMorph network, which has no training state to "
+                              f"resume; register with it (test.py -r) or train a new network (train.py -c)")
+    raise CheckpointError(f"{path}: not a learnsim training checkpoint (kind {checkpoint.get('kind')!r}, keys "
+                          f"{sorted(map(str, checkpoint))[:8]})")

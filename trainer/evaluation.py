@@ -33,7 +33,7 @@ def voxel_spacing(affine) -> tuple[float, float, float]:
 @torch.no_grad()
 def mean_displacement(energy: Energy, q_v: QV) -> torch.Tensor:
     """Displacement (B, 3, *dims), voxel units, of the transformation of the Sobolev-smoothed posterior mean."""
-    return energy.transformation(energy.smooth(q_v.mu))
+    return energy.displacement(q_v.mu)
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def sample_displacements(energy: Energy, q_v: QV, no_samples: int) -> Iterator[t
     """
     batch, produced = q_v.mu.shape[0], 0
     while produced < no_samples:
-        displacements = energy.transformation(energy.smooth(torch.cat(q_v.sample())))
+        displacements = energy.displacement(torch.cat(q_v.sample()))
         for displacement in displacements.split(batch):
             if produced < no_samples:
                 produced += 1

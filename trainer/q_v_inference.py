@@ -1,14 +1,18 @@
-"""q_v inference for a batch of pairs: no_iters_q_v Adam steps on the q_v loss, theta fixed."""
+"""q_v inference for a batch of pairs: no_iters_q_v Adam steps on the q_v loss, theta fixed.
+
+``infer_q_v`` is the one sequence that training, testing and the benchmarks run for a batch.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
 
 from model.energy import Energy
 from model.variational import QV
+from utils.config import QVTestConfig
 
 
 @contextmanager
@@ -73,3 +77,25 @@ def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, 
             if log is not None and log_period and iteration % log_period == 0:
                 log(iteration, terms)
     return terms
+
+
+def infer_q_v(energy: Energy, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
+              config: QVTestConfig, states: Sequence[dict[str, torch.Tensor] | None] | None = None,
+              progress: bool = False, **fit_options) -> tuple[QV, dict[str, torch.Tensor]]:
+    """q_v inference for a batch of pairs: start each pair from its saved state (None, or no ``states``: the
+    initial q_v of the config), then ``trainer.no_iters_q_v`` iterations at ``optimizer_q_v``'s lr.
+
+    Images (B, 1, *dims) on the device of the run. Returns q_v and the per-pair terms of the last iteration; the
+    caller saves q_v's states or samples from it. ``fit_options``: see ``fit_q_v``.
+    """
+    args = config.data_loader.args
+    shape = energy.transformation.velocity_shape
+    batch = moving.shape[0]
+    if states is None or all(state is None for state in states):
+        q_v = QV.initial(batch, shape, args.sigma_v_init, args.u_v_init, moving.device)
+    else:
+        initial = QV.initial(1, shape, args.sigma_v_init, args.u_v_init).state(0)
+        q_v = QV.from_states([initial if state is None else state for state in states], moving.device)
+    terms = fit_q_v(energy, q_v, fixed, moving, mask, config.trainer.no_iters_q_v, config.optimizer_q_v.args.lr,
+                    progress=progress, **fit_options)
+    return q_v, terms

@@ -1,17 +1,21 @@
-"""Registration with a fixed metric (baseline or learnt): q_v inference per pair, then evaluation of the result.
+"""Registration of every pair of a config, then evaluation of the result.
 
-Per pair: metrics of the identity (before registration), of the posterior mean and of ``no_samples_test`` samples
-of q_v; the uncertainty map (std of the displacement over the samples) and how it relates to label error; and,
-when the config asks for them, images, fields and a figure in ``<run folder>/pairs/<pair_id>/`` (docs/outputs.md).
-The run folder gets ``metrics.csv``, ``summary.json`` and ``summary.png``.
+``BaseTester`` evaluates whatever transformation a method outputs; ``Tester`` gets it by q_v inference with a
+fixed metric (baseline or learnt), ``trainer.vxm_tester.VxmTester`` by one VoxelMorph forward pass.
+Per pair: metrics of the identity (before registration), of the method's transformation (``mean``: the posterior
+mean for q_v) and, for q_v, of ``no_samples_test`` samples, with the uncertainty map (std of the displacement over
+the samples) and how it relates to label error; and, when the config asks for them, images, fields and a figure
+in ``<run folder>/pairs/<pair_id>/`` (docs/outputs.md). The run folder gets ``metrics.csv``, ``summary.json`` and
+``summary.png``; the time per pair is logged.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,10 +29,10 @@ from trainer.build import (batch_seed, build_dataset, build_energy, build_labels
 from trainer.checkpoint import load_similarity
 from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
                                 sample_displacements, summarise, voxel_spacing)
-from trainer.q_v_inference import fit_q_v
+from trainer.q_v_inference import infer_q_v
 from trainer.run_folder import get_logger
 from utils.compare import by_structure
-from utils.config import Config
+from utils.config import QVTestConfig, RunConfig
 from utils.distributed import Context
 from utils.figures import comparison_boxplots, pair_panel
 from utils.flow import warp
@@ -66,42 +70,34 @@ def kept_items(index: int, batch_size: int, loader_batch_size: int, context: Con
     return [context.rank + context.world_size * (start + i) < dataset_size for i in range(batch_size)]
 
 
-class Tester:
-    """Registers every pair of the config's pairs file and writes the results into ``folder``."""
+class BaseTester:
+    """Registers every pair of the config's pairs file and writes the results into ``folder``.
 
-    def __init__(self, config: Config, folder: Path, context: Context, checkpoint: dict | None = None):
+    A subclass implements ``register_batch``; ``no_samples`` is the number of sampled transformations per pair.
+    """
+
+    no_samples = 0
+    transformation_name = "transformation"  # what the ``mean`` rows hold, for titles and the log
+
+    def __init__(self, config: RunConfig, folder: Path, context: Context):
         self.config, self.folder, self.context = config, Path(folder), context
         self.logger = get_logger(self.folder, context, "test")
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=False)
-        self.similarity = build_similarity(config)
-        if checkpoint is not None:
-            load_similarity(self.similarity, checkpoint, "checkpoint")
-        self.energy = build_energy(config, self.similarity).to(context.device)
         self.labels = build_labels(config)
-        self.no_samples = config.trainer.no_samples_test
-        if self.no_samples < 2:
-            self.logger.warning("no_samples_test = %d: the displacement std (uncertainty) needs at least 2 samples "
-                                "and is left out", self.no_samples)
 
-    def register(self, batch: dict, index: int) -> QV:
-        """q_v of a batch of pairs, inferred from the initial q_v."""
-        torch.manual_seed(batch_seed(self.config.seed, 0, index, self.context.rank))
-        args = self.config.data_loader.args
-        device = self.context.device
-        fixed, moving = to_device(batch["fixed"], device), to_device(batch["moving"], device)
-        q_v = QV.initial(len(batch["pair_id"]), self.energy.transformation.velocity_shape, args.sigma_v_init,
-                         args.u_v_init, device)
-        fit_q_v(self.energy, q_v, fixed["im"], moving["im"], fixed["mask"], self.config.trainer.no_iters_q_v,
-                self.config.optimizer_q_v.args.lr, progress=self.context.is_main)
-        return q_v
+    def register_batch(self, batch: dict, index: int) -> tuple[torch.Tensor, Iterable[torch.Tensor] | None]:
+        """The method's displacement (B, 3, *dims), voxel units, and an iterable of sampled ones (or None)."""
+        raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, batch: dict, q_v: QV, keep: Sequence[bool] | None = None) -> tuple[list[dict], dict]:
-        """Metric rows (identity, posterior mean, samples) and uncertainty statistics of a batch; writes its files.
+    def evaluate_displacements(self, batch: dict, mean: torch.Tensor, samples: Iterable[torch.Tensor] | None,
+                               keep: Sequence[bool] | None = None) -> tuple[list[dict], dict]:
+        """Metric rows (identity, ``mean``, samples) and uncertainty statistics of a batch; writes its files.
 
+        ``mean`` (B, 3, *dims), voxel units, on the run's device: the method's transformation (rows ``mean``).
         Pairs with ``keep[i]`` False (repeats that even out the ranks) are neither evaluated nor written.
-        Returns (rows, {pair_id: uncertainty statistics}).
+        Returns (rows, {pair_id: uncertainty statistics}; empty without samples).
         """
         device, batch_size = self.context.device, len(batch["pair_id"])
         keep = list(keep) if keep is not None else [True] * batch_size
@@ -131,7 +127,6 @@ class Tester:
             return warped_im, warped_seg
 
         rows = rows_of("identity", moving["seg"] if has_seg else None, torch.zeros(batch_size, 3, *geometries[0].dims))
-        mean = mean_displacement(self.energy, q_v)
         mean_im, mean_seg = warp_both(mean)
         rows += rows_of("mean", mean_seg, mean.cpu())
 
@@ -139,7 +134,7 @@ class Tester:
                    if keep[i] and self.config.trainer.save_outputs else None for i in range(batch_size)]
         world = torch.stack([torch.as_tensor(g.affine[:3, :3]) for g in geometries]).to(device, mean.dtype)
         moments = RunningMoments()
-        for k, displacement in enumerate(sample_displacements(self.energy, q_v, self.no_samples)):
+        for k, displacement in enumerate(samples or ()):
             sample_im, sample_seg = warp_both(displacement)
             rows += rows_of(str(k), sample_seg, displacement.cpu())
             moments.update(torch.einsum("bkj,bj...->bk...", world, displacement))  # mm, world axes
@@ -151,7 +146,7 @@ class Tester:
                         writer.labels(f"{outputs.SAMPLES_FOLDER}/{outputs.sample_name('warped_seg', k)}",
                                       sample_seg[i, 0])
         # the uncertainty map: sqrt of the summed per-axis variances = RMS distance of the samples to their mean
-        std = moments.variance().sum(1).sqrt().float().cpu() if self.no_samples > 1 else None
+        std = moments.variance().sum(1).sqrt().float().cpu() if moments.count > 1 else None
         det_j = jacobian_determinant(mean).cpu()
         mean = mean.cpu()
 
@@ -189,18 +184,27 @@ class Tester:
                        mean_seg[i, 0].numpy() if has_seg else None,
                        displacement_to_world(mean[i].double().numpy(), geometry.affine),
                        std[i].numpy() if std is not None else None, det_j[i].numpy(), spacing,
-                       list(self.labels.values()), title=f"{pair_id} (working grid, posterior mean)")
+                       list(self.labels.values()), title=f"{pair_id} (working grid, {self.transformation_name})")
 
     def test(self) -> list[dict]:
         """Register all pairs; rank 0 gathers, writes metrics.csv, summary.json and summary.png and prints a table."""
-        rows, uncertainty = [], {}
+        rows, uncertainty, seconds, registered = [], {}, 0.0, 0
         for index, batch in enumerate(tqdm(self.loader, desc="pairs", disable=not self.context.is_main)):
-            q_v = self.register(batch, index)
+            start = time.perf_counter()
+            mean, samples = self.register_batch(batch, index)
+            synchronize(self.context.device)
+            elapsed = time.perf_counter() - start
+            seconds, registered = seconds + elapsed, registered + len(batch["pair_id"])
+            self.logger.info("registered %s in %.3f s per pair", ", ".join(batch["pair_id"]),
+                             elapsed / len(batch["pair_id"]))
             keep = kept_items(index, len(batch["pair_id"]), self.config.data_loader.args.batch_size, self.context,
                               len(self.dataset))
-            batch_rows, batch_uncertainty = self.evaluate(batch, q_v, keep)
+            batch_rows, batch_uncertainty = self.evaluate_displacements(batch, mean, samples, keep)
             rows += batch_rows
             uncertainty.update(batch_uncertainty)
+        if registered:
+            self.logger.info("time per pair (%s, rank %d): %.3f s", self.transformation_name, self.context.rank,
+                             seconds / registered)
         if self.context.distributed:
             gathered = [None] * self.context.world_size
             dist.all_gather_object(gathered, (rows, uncertainty))
@@ -224,15 +228,57 @@ class Tester:
         summary = _json_ready(summarise(rows, uncertainty, self.no_samples, self.labels))
         atomic_write_text(self.folder / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
         if self.config.trainer.save_figures and any(r["structure"] for r in rows):
-            comparison_boxplots(self.folder / SUMMARY_FIGURE,
-                                {"before (identity)": by_structure(rows, "identity"),
-                                 "after (posterior mean)": by_structure(rows, "mean"),
-                                 f"samples of q_v ({self.no_samples})": by_structure(rows, "samples")},
-                                metrics=("dice", "asd_mm", "hd95_mm"), title=self.config.name)
-        self.logger.info("results per structure (posterior mean unless stated), %d pairs:\n%s",
+            groups = {"before (identity)": by_structure(rows, "identity"),
+                      f"after ({self.transformation_name})": by_structure(rows, "mean")}
+            if self.no_samples:
+                groups[f"samples of q_v ({self.no_samples})"] = by_structure(rows, "samples")
+            comparison_boxplots(self.folder / SUMMARY_FIGURE, groups, metrics=("dice", "asd_mm", "hd95_mm"),
+                                title=self.config.name)
+        self.logger.info("results per structure (%s unless stated), %d pairs:\n%s", self.transformation_name,
                          summary["no_pairs"], format_table(summary))
         before, after = summary["mean_dice_before"], summary["mean_dice_after"]
         self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s", summary["no_pairs"],
                          len(self.labels), "n/a" if before is None else f"{before:.3f}",
                          "n/a" if after is None else f"{after:.3f}")
         return summary
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so that a wall-clock time includes its work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Tester(BaseTester):
+    """Registration by q_v inference with a fixed metric: the baseline, or theta from ``checkpoint``."""
+
+    transformation_name = "posterior mean"
+
+    def __init__(self, config: QVTestConfig, folder: Path, context: Context, checkpoint: dict | None = None):
+        super().__init__(config, folder, context)
+        self.similarity = build_similarity(config, learnable=checkpoint is not None)
+        if checkpoint is not None:
+            load_similarity(self.similarity, checkpoint, "checkpoint")
+        self.energy = build_energy(config, self.similarity).to(context.device)
+        self.no_samples = config.trainer.no_samples_test
+        if self.no_samples < 2:
+            self.logger.warning("no_samples_test = %d: the displacement std (uncertainty) needs at least 2 samples "
+                                "and is left out", self.no_samples)
+
+    def register(self, batch: dict, index: int) -> QV:
+        """q_v of a batch of pairs, inferred from the initial q_v."""
+        torch.manual_seed(batch_seed(self.config.seed, 0, index, self.context.rank))
+        device = self.context.device
+        fixed, moving = to_device(batch["fixed"], device), to_device(batch["moving"], device)
+        q_v, _ = infer_q_v(self.energy, fixed["im"], moving["im"], fixed["mask"], self.config,
+                           progress=self.context.is_main)
+        return q_v
+
+    def register_batch(self, batch: dict, index: int) -> tuple[torch.Tensor, Iterable[torch.Tensor]]:
+        q_v = self.register(batch, index)
+        return mean_displacement(self.energy, q_v), sample_displacements(self.energy, q_v, self.no_samples)
+
+    def evaluate(self, batch: dict, q_v: QV, keep: Sequence[bool] | None = None) -> tuple[list[dict], dict]:
+        """Metric rows and uncertainty statistics of a batch registered by ``q_v``; writes its files."""
+        return self.evaluate_displacements(batch, mean_displacement(self.energy, q_v),
+                                           sample_displacements(self.energy, q_v, self.no_samples), keep)

@@ -4,37 +4,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from model.energy import ContrastiveLoss
-from model.variational import QF, QV
-from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
-                           to_device)
-from trainer.checkpoint import load_similarity, save_checkpoint
+from model.variational import QF
+from trainer.base import BaseTrainer, distributed
+from trainer.build import build_energy, build_labels, build_similarity, to_device
+from trainer.checkpoint import CHECKPOINT_KIND, load_similarity, metric_state
 from trainer.monitor import TrainingMonitor
-from trainer.q_v_inference import denormals_flushed, fit_q_v
+from trainer.q_v_inference import denormals_flushed, infer_q_v
 from trainer.q_v_store import QVStore
-from trainer.run_folder import get_logger
-from utils.config import Config, ConfigError
-from utils.distributed import Context, all_reduce_mean, barrier
+from utils.config import ConfigError, QVTrainConfig
+from utils.distributed import Context, all_reduce_mean
 
 
-class Trainer:
-    """One training run in ``folder``; resumes from ``checkpoint`` (a dict from load_checkpoint) when given."""
+class Trainer(BaseTrainer):
+    """One run learning a metric in ``folder``; resumes from ``checkpoint`` (a dict from load_checkpoint) when given."""
 
-    def __init__(self, config: Config, folder: Path, context: Context, checkpoint: dict | None = None):
-        config.require_training()
-        self.config, self.folder, self.context = config, Path(folder), context
-        self.logger = get_logger(self.folder, context, "train")
+    checkpoint_kind = CHECKPOINT_KIND
+    progress_keys = ("q_v/loss", "theta/loss")
+
+    def __init__(self, config: QVTrainConfig, folder: Path, context: Context, checkpoint: dict | None = None):
+        if not isinstance(config, QVTrainConfig):
+            raise ConfigError(f"{config.source}: not a q_v training config ({type(config).__name__})")
+        super().__init__(config, folder, context)
         device = context.device
-        self.dataset = build_dataset(config, context)
         fixed_ids = {fixed for fixed, _ in self.dataset.pairs}
         if len(fixed_ids) != 1:
             raise ConfigError(f"{config.source}: data_loader.args.im_pairs: training learns q_f over one atlas, "
                               f"but the pairs list {len(fixed_ids)} fixed images")
-        self.loader = build_loader(self.dataset, config, context, shuffle=True)
         torch.manual_seed(config.seed)  # the same config starts from the same Dirac initialisation
         self.similarity = build_similarity(config)
         self.energy = build_energy(config, self.similarity).to(device)
@@ -43,40 +40,28 @@ class Trainer:
         self.contrastive = ContrastiveLoss(self.similarity, self.q_f).to(device)
         self.optimizer_theta = torch.optim.Adam(self.similarity.parameters(), lr=config.optimizer_q_phi.args.lr)
         self.optimizer_q_f = torch.optim.Adam(self.q_f.parameters(), lr=config.optimizer_q_f.args.lr)
-        self.start_epoch, self.step = 1, 0
         if checkpoint is not None:
-            self._resume(checkpoint)
-        self.step_module = (DistributedDataParallel(self.contrastive, device_ids=[device.index]
-                                                    if device.type == "cuda" else None)
-                            if context.distributed else self.contrastive)
+            self.resume(checkpoint)
+        self.step_module = distributed(self.contrastive, context)
         self.store = QVStore(self.folder / "q_v")
-        self.writer = SummaryWriter(str(self.folder / "log")) if context.is_main else None
         self.monitor = TrainingMonitor(self.writer, config, context, build_labels(config))  # Dice, images, histograms
 
-    def _resume(self, checkpoint: dict) -> None:
+    def state(self) -> dict:
+        return metric_state(self.similarity, self.q_f, self.optimizer_theta, self.optimizer_q_f)
+
+    def load_state(self, checkpoint: dict) -> None:
         load_similarity(self.similarity, checkpoint, "checkpoint")
         self.q_f.load_state_dict(checkpoint["q_f"])
         self.optimizer_theta.load_state_dict(checkpoint["optimizer_q_phi"])
         self.optimizer_q_f.load_state_dict(checkpoint["optimizer_q_f"])
-        self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
-        self.logger.info("resuming after epoch %d (step %d)", checkpoint["epoch"], self.step)
-
-    def _q_v_for(self, pair_ids: list[str], epoch: int) -> QV:
-        """The batch's q_v: each pair's saved state from earlier epochs, or the initial q_v."""
-        args = self.config.data_loader.args
-        shape = self.energy.transformation.velocity_shape
-        initial = QV.initial(1, shape, args.sigma_v_init, args.u_v_init)
-        states = [self.store.load(pid, epoch, shape) or initial.state(0) for pid in pair_ids]
-        return QV.from_states(states, self.context.device)
 
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         """q_v inference for the batch, save q_v, then one theta/q_f step; returns rank-averaged losses."""
-        torch.manual_seed(batch_seed(self.config.seed, epoch, index, self.context.rank))
         fixed, moving = to_device(batch["fixed"], self.context.device), to_device(batch["moving"], self.context.device)
-        q_v = self._q_v_for(batch["pair_id"], epoch)
-        terms = fit_q_v(self.energy, q_v, fixed["im"], moving["im"], fixed["mask"],
-                        self.config.trainer.no_iters_q_v, self.config.optimizer_q_v.args.lr,
-                        progress=self.context.is_main)
+        shape = self.energy.transformation.velocity_shape
+        states = [self.store.load(pid, epoch, shape) for pid in batch["pair_id"]]
+        q_v, terms = infer_q_v(self.energy, fixed["im"], moving["im"], fixed["mask"], self.config, states,
+                               progress=self.context.is_main)
         for i, pid in enumerate(batch["pair_id"]):
             self.store.save(pid, epoch, q_v.state(i))
         self.monitor.after_q_v(batch, q_v, self.energy, self.q_f, step=self.step + 1)
@@ -92,37 +77,5 @@ class Trainer:
         logged = all_reduce_mean(logged, self.context).tolist()
         return dict(zip([f"q_v/{k}" for k in terms] + ["theta/loss"], logged))
 
-    def train(self) -> Path | None:
-        """Run the remaining epochs; returns the path of the last checkpoint (None when nothing was left to do)."""
-        last = None
-        for epoch in range(self.start_epoch, self.config.trainer.no_epochs + 1):
-            self.loader.sampler.set_epoch(epoch)
-            bar = tqdm(self.loader, desc=f"epoch {epoch}/{self.config.trainer.no_epochs}",
-                       disable=not self.context.is_main)
-            for index, batch in enumerate(bar):
-                values = self.train_batch(batch, epoch, index)
-                self.step += 1
-                bar.set_postfix({"q_v loss": f"{values['q_v/loss']:.4g}", "theta loss": f"{values['theta/loss']:.4g}"})
-                if self.writer is not None:
-                    for key, value in values.items():
-                        self.writer.add_scalar(key, value, self.step)
-            self.monitor.end_epoch(epoch, self.step, self.similarity, self.q_f)
-            last = self._end_epoch(epoch)
-        if self.writer is not None:
-            self.writer.close()
-        return last
-
-    def _end_epoch(self, epoch: int) -> Path:
-        """Checkpoint on rank 0 (atomically), then drop the previous one; every rank waits for it."""
-        path = self.folder / "checkpoints" / f"checkpoint_epoch{epoch}.pt"
-        barrier(self.context)
-        if self.context.is_main:
-            save_checkpoint(path, epoch=epoch, step=self.step, similarity=self.similarity, q_f=self.q_f,
-                            optimizer_theta=self.optimizer_theta, optimizer_q_f=self.optimizer_q_f,
-                            config=self.config.to_dict())
-            for old in path.parent.glob("checkpoint_epoch*.pt"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-            self.logger.info("epoch %d done, checkpoint %s", epoch, path)
-        barrier(self.context)
-        return path
+    def end_epoch(self, epoch: int) -> None:
+        self.monitor.end_epoch(epoch, self.step, self.similarity, self.q_f)

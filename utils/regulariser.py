@@ -18,3 +18,13 @@ def squared_forward_differences(velocity: torch.Tensor) -> torch.Tensor:
 def reg_term(velocity: torch.Tensor, w_reg: float) -> torch.Tensor:
     """0.5 * w_reg * squared forward differences of v, per pair (B,)."""
     return 0.5 * w_reg * squared_forward_differences(velocity)
+
+
+def flow_gradient_l2(flow: torch.Tensor) -> torch.Tensor:
+    """VoxelMorph's ``Grad('l2')`` penalty of a flow (B, 3, D, H, W), per pair (B,).
+
+    The mean over voxels and components of the squared forward differences along each axis (without padding, so
+    each axis has one difference fewer than voxels), averaged over the three axes.
+    """
+    per_axis = [(flow.diff(dim=axis) ** 2).flatten(1).mean(1) for axis in range(2, 5)]
+    return sum(per_axis) / 3.0

@@ -1,0 +1,104 @@
+"""What every training run shares: the pair loader, the epoch loop with tqdm and TensorBoard scalars, seeded
+batches, an atomic checkpoint per epoch on rank 0, and exact resuming from it.
+
+A subclass (the learnt-metric ``Trainer``, the VoxelMorph ``VxmTrainer``) says what one batch does, which state
+its checkpoint holds, and what it logs at the end of an epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from trainer.build import batch_seed, build_dataset, build_loader
+from trainer.checkpoint import save_run_checkpoint
+from trainer.run_folder import get_logger
+from utils.config import RunConfig
+from utils.distributed import Context, barrier
+
+
+def distributed(module: nn.Module, context: Context) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks), else itself."""
+    if not context.distributed:
+        return module
+    device = context.device
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class BaseTrainer:
+    """One training run in ``folder``; subclasses set ``checkpoint_kind`` and implement the hooks below."""
+
+    checkpoint_kind: str
+    progress_keys: tuple[str, ...]  # scalars of train_batch shown on the progress bar
+
+    def __init__(self, config: RunConfig, folder: Path, context: Context):
+        self.config, self.folder, self.context = config, Path(folder), context
+        self.logger = get_logger(self.folder, context, "train")
+        self.dataset = build_dataset(config, context)
+        self.loader = build_loader(self.dataset, config, context, shuffle=True)
+        self.start_epoch, self.step = 1, 0
+        self.writer = SummaryWriter(str(self.folder / "log")) if context.is_main else None
+
+    def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
+        """One optimisation step on a batch (already seeded); returns the rank-averaged scalars to log."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """The state dicts that a checkpoint holds besides kind, version, epoch, step and config."""
+        raise NotImplementedError
+
+    def load_state(self, checkpoint: dict) -> None:
+        """Restore what ``state`` saved."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int) -> None:
+        """Per-epoch logging before the checkpoint is written; every rank calls it."""
+
+    def resume(self, checkpoint: dict) -> None:
+        """Continue after the checkpoint's epoch, with its weights, optimiser states and step count."""
+        self.load_state(checkpoint)
+        self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
+        self.logger.info("resuming after epoch %d (step %d)", checkpoint["epoch"], self.step)
+
+    def seed_batch(self, epoch: int, index: int) -> None:
+        """Seed the batch's random numbers from (seed, epoch, batch, rank): a resumed run draws the same ones."""
+        torch.manual_seed(batch_seed(self.config.seed, epoch, index, self.context.rank))
+
+    def train(self) -> Path | None:
+        """Run the remaining epochs; returns the path of the last checkpoint (None when nothing was left to do)."""
+        last = None
+        for epoch in range(self.start_epoch, self.config.trainer.no_epochs + 1):
+            self.loader.sampler.set_epoch(epoch)
+            bar = tqdm(self.loader, desc=f"epoch {epoch}/{self.config.trainer.no_epochs}",
+                       disable=not self.context.is_main)
+            for index, batch in enumerate(bar):
+                self.seed_batch(epoch, index)
+                values = self.train_batch(batch, epoch, index)
+                self.step += 1
+                bar.set_postfix({key: f"{values[key]:.4g}" for key in self.progress_keys})
+                if self.writer is not None:
+                    for key, value in values.items():
+                        self.writer.add_scalar(key, value, self.step)
+            self.end_epoch(epoch)
+            last = self._checkpoint(epoch)
+        if self.writer is not None:
+            self.writer.close()
+        return last
+
+    def _checkpoint(self, epoch: int) -> Path:
+        """Checkpoint on rank 0 (atomically), then drop the previous one; every rank waits for it."""
+        path = self.folder / "checkpoints" / f"checkpoint_epoch{epoch}.pt"
+        barrier(self.context)
+        if self.context.is_main:
+            save_run_checkpoint(path, self.checkpoint_kind, epoch=epoch, step=self.step,
+                                config=self.config.to_dict(), state=self.state())
+            for old in path.parent.glob("checkpoint_epoch*.pt"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+            self.logger.info("epoch %d done, checkpoint %s", epoch, path)
+        barrier(self.context)
+        return path
