@@ -78,7 +78,7 @@ def test_resume_can_extend_a_finished_run(tmp_path):
 def test_q_v_loss_falls_and_dice_rises_on_a_known_deformation(tmp_path):
     """Baseline SSD registration of the demo atlas to itself moved by a known translation of (2, -1.5, 1) voxels."""
     config = load_config(tiny_config(tmp_path, size=24, subjects=2),
-                         ["model.args.learnable=false", "optimizer_q_v.args.lr=0.1"])
+                         ["model.args.learnable=false", "optimizer_q_v.args.lr=0.1"], mode="test")
     torch.manual_seed(0)
     fixed = build_dataset(config, setup("cpu"))[0]["fixed"]
     shift = torch.tensor([2.0, -1.5, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 24, 24, 24)
