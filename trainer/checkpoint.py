@@ -1,6 +1,9 @@
 """Checkpoints of a learnt similarity metric: plain dicts of state dicts, loaded with weights_only=True."""
 from __future__ import annotations
 
+import pickle
+import re
+import tarfile
 from pathlib import Path
 
 import torch
@@ -53,7 +56,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(path, error)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
     if checkpoint.get("kind") != CHECKPOINT_KIND:
@@ -66,6 +69,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
     return checkpoint
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused a file, in one line, with what to do for the files users mix up."""
+    if tarfile.is_tarfile(path):
+        return "it is a tarball: give pretrained:NAME (python -m utils.pretrained list), or the .pt file inside"
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return (f"it pickles {refused[1]}, which weights_only=True refuses; an authors' learnt-metric file imports "
+                f"with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / LCC_learnt)")
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a PyTorch checkpoint"
+    return str(error).splitlines()[0]
 
 
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:
