@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_voxelmorph
 from trainer.cli import add_common_arguments, run
+from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import create_run_folder, write_config
 from trainer.tester import Tester
 from trainer.vxm_tester import VxmTester, check_input_shape
@@ -22,8 +23,9 @@ from utils.distributed import setup, teardown
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", required=True, help="JSON config")
-    parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric (default: the baseline metric), or of "
-                                               "a VoxelMorph network (required with a VoxelMorph config)")
+    parser.add_argument("-r", "--resume", help="checkpoint or pretrained:NAME: a learnt metric (q_v config; default: "
+                                               "the baseline metric; the metric is the checkpoint's), or a VoxelMorph "
+                                               "network (VoxelMorph config; required)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -36,12 +38,12 @@ def main(argv: list[str] | None = None) -> Path:
         if config.method == "voxelmorph":
             if not args.resume:
                 raise CheckpointError(f"{config.source} is a {config.kind}: give the network to test with -r")
-            model, _ = load_voxelmorph(args.resume, context.device)
+            model, _ = load_voxelmorph(resolve_checkpoint(args.resume), context.device)
             check_input_shape(model, config, args.resume)
             folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
             tester = VxmTester(config, folder, context, model, args.resume)
         else:
-            checkpoint = load_checkpoint(args.resume, context.device) if args.resume else None
+            checkpoint = load_checkpoint(resolve_checkpoint(args.resume), context.device) if args.resume else None
             if checkpoint is None and config.model.args.learnable and context.is_main:
                 sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
             folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)

@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import VXM_CHECKPOINT_KIND, CheckpointError, load_training_checkpoint
+from trainer.checkpoint import VXM_CHECKPOINT_KIND, CheckpointError, from_a_run, load_training_checkpoint
 from trainer.cli import add_common_arguments, run
+from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import create_run_folder, write_config
 from trainer.trainer import Trainer
 from trainer.vxm_trainer import VxmTrainer
@@ -23,7 +24,8 @@ from utils.distributed import setup, teardown
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", help="JSON config (with -r alone: the run's own config.json)")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder. With "
+                                                "-c, pretrained:NAME starts a new run from that model's weights")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
@@ -37,8 +39,13 @@ def main(argv: list[str] | None = None) -> Path | None:
     try:
         checkpoint, folder = None, None
         if args.resume:
-            checkpoint = load_training_checkpoint(args.resume, context.device)
-            folder = Path(args.resume).resolve().parent.parent
+            path = resolve_checkpoint(args.resume)
+            checkpoint = load_training_checkpoint(path, context.device)
+            if from_a_run(checkpoint):  # the run continues in its folder
+                folder = path.resolve().parent.parent
+            elif not args.config:
+                raise CheckpointError(f"{args.resume} is a pretrained model, not a run to resume: give a config "
+                                      f"(-c) to start a new run from its weights")
         if args.config:
             config = load_config(args.config, args.set, mode="train")
         else:

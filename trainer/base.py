@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trainer.build import batch_seed, build_dataset, build_loader
-from trainer.checkpoint import save_run_checkpoint
+from trainer.checkpoint import from_a_run, save_run_checkpoint
 from trainer.run_folder import get_logger
 from utils.config import RunConfig
 from utils.distributed import Context, barrier
@@ -59,10 +59,12 @@ class BaseTrainer:
         """Per-epoch logging before the checkpoint is written; every rank calls it."""
 
     def resume(self, checkpoint: dict) -> None:
-        """Continue after the checkpoint's epoch, with its weights, optimiser states and step count."""
+        """Continue after the checkpoint's epoch, with its weights, optimiser states and step count; from a pretrained
+        model's checkpoint, start at epoch 1 with its weights."""
         self.load_state(checkpoint)
-        self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
-        self.logger.info("resuming after epoch %d (step %d)", checkpoint["epoch"], self.step)
+        if from_a_run(checkpoint):
+            self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
+            self.logger.info("resuming after epoch %d (step %d)", checkpoint["epoch"], self.step)
 
     def seed_batch(self, epoch: int, index: int) -> None:
         """Seed the batch's random numbers from (seed, epoch, batch, rank): a resumed run draws the same ones."""

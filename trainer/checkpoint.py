@@ -2,6 +2,9 @@
 ``kind``, loaded with weights_only=True."""
 from __future__ import annotations
 
+import pickle
+import re
+import tarfile
 from pathlib import Path
 
 import torch
@@ -35,7 +38,8 @@ def save_run_checkpoint(path: Path, kind: str, *, epoch: int, step: int, config:
 def metric_state(similarity: SimilarityMetric, q_f: torch.nn.Module, optimizer_theta: torch.optim.Optimizer,
                  optimizer_q_f: torch.optim.Optimizer) -> dict:
     """What a learnt-metric checkpoint holds besides its bookkeeping."""
-    return {"similarity": similarity_signature(similarity), "model": similarity.state_dict(),
+    return {"similarity": similarity_signature(similarity), "similarity_config": similarity.config(),
+            "model": similarity.state_dict(),
             "q_f": q_f.state_dict(), "optimizer_q_phi": optimizer_theta.state_dict(),
             "optimizer_q_f": optimizer_q_f.state_dict()}
 
@@ -48,6 +52,18 @@ def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: Similarity
                         state=metric_state(similarity, q_f, optimizer_theta, optimizer_q_f))
 
 
+def pretrained_checkpoint(similarity: SimilarityMetric, q_f_state: dict, *, epoch: int, step: int,
+                          extra: dict | None = None) -> dict:
+    """A checkpoint of a pretrained metric: theta and q_f without optimizer states or run config.
+
+    test.py and ``load_metric`` use it like any checkpoint; train.py starts a new run from its weights.
+    """
+    return {"kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "epoch": epoch, "step": step,
+            "similarity": similarity_signature(similarity), "similarity_config": similarity.config(),
+            "model": similarity.state_dict(), "q_f": q_f_state, "optimizer_q_phi": None, "optimizer_q_f": None,
+            "config": None, **(extra or {})}
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The dict in a checkpoint file, loaded with weights_only=True; clear errors for a missing or unreadable file."""
     path = Path(path)
@@ -56,7 +72,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(path, error)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
     return checkpoint
@@ -71,8 +87,6 @@ def is_voxelmorph(checkpoint: dict) -> bool:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read and check a learnt-metric checkpoint of this project; clear errors for anything else."""
-    if Path(path).name.endswith(TARBALL_SUFFIXES):
-        raise CheckpointError(f"{path}: a tarball, not a learnt similarity-metric checkpoint; {VXM_HINT}")
     checkpoint = read_checkpoint(path, map_location)
     if checkpoint.get("kind") != CHECKPOINT_KIND:
         if is_voxelmorph(checkpoint):
@@ -91,6 +105,20 @@ def check_format_version(checkpoint: dict, path: str | Path) -> None:
                               f"(expected {FORMAT_VERSION})")
 
 
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused a file, in one line, with what to do for the files users mix up."""
+    if tarfile.is_tarfile(path):
+        return ("it is a tarball: give pretrained:NAME (python -m utils.pretrained list), or the .pt file inside; "
+                f"{VXM_HINT}")
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return (f"it pickles {refused[1]}, which weights_only=True refuses; an authors' learnt-metric file imports "
+                f"with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / LCC_learnt)")
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a PyTorch checkpoint"
+    return str(error).splitlines()[0]
+
+
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:
     """Load theta into ``similarity``; fail clearly if the checkpoint is of another metric or shape."""
     expected, found = similarity_signature(similarity), checkpoint["similarity"]
@@ -106,15 +134,16 @@ def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str)
     similarity.load_state_dict(state)
 
 
-def similarity_from_checkpoint(checkpoint: dict, source: str) -> SimilarityMetric:
-    """The learnt metric of a learnt-metric checkpoint, rebuilt from the config it was trained with."""
+def similarity_from_checkpoint(checkpoint: dict, source: str, channels_last: bool = False) -> SimilarityMetric:
+    """The metric a checkpoint describes (its stored constructor arguments), with its weights; no config needed."""
+    config = checkpoint.get("similarity_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the checkpoint does not describe its metric (no 'similarity_config'; "
+                              f"written by an older learnsim): rebuild the metric from the config that trained it")
     try:
-        args = checkpoint["config"]["model"]["args"]
-        kind = checkpoint["similarity"]["type"]
-        similarity = SimilarityMetric(kind, True, args.get("s", 1), args["no_features"],
-                                      args.get("activation", {}).get("args", {}).get("negative_slope", 0.2))
-    except (KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{source}: the checkpoint's config does not describe its metric ({error!r})") from None
+        similarity = SimilarityMetric(**{**config, "channels_last": channels_last})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: bad similarity_config {config}: {error}") from None
     load_similarity(similarity, checkpoint, source)
     return similarity
 
@@ -147,6 +176,12 @@ def load_voxelmorph(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{sorted(map(str, checkpoint))[:8]})")
     model.load_weights(checkpoint["model_state"], str(path))
     return model.to(map_location).eval(), checkpoint if checkpoint.get("kind") == VXM_CHECKPOINT_KIND else None
+
+
+def from_a_run(checkpoint: dict) -> bool:
+    """Whether a checkpoint was written by a training run, which resumes in its folder (a pretrained model's has no
+    run config: a new run starts from its weights)."""
+    return checkpoint.get("config") is not None
 
 
 def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -26,7 +26,7 @@ from model.variational import QV
 from trainer import outputs
 from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
                            to_device)
-from trainer.checkpoint import load_similarity
+from trainer.checkpoint import load_similarity, similarity_from_checkpoint
 from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
                                 sample_displacements, summarise, voxel_spacing)
 from trainer.q_v_inference import infer_q_v
@@ -256,9 +256,13 @@ class Tester(BaseTester):
 
     def __init__(self, config: QVTestConfig, folder: Path, context: Context, checkpoint: dict | None = None):
         super().__init__(config, folder, context)
-        self.similarity = build_similarity(config, learnable=checkpoint is not None)
-        if checkpoint is not None:
-            load_similarity(self.similarity, checkpoint, "checkpoint")
+        if checkpoint is not None and "similarity_config" in checkpoint:  # the checkpoint's metric, not the config's
+            self.similarity = similarity_from_checkpoint(checkpoint, "checkpoint", config.trainer.channels_last)
+            self.logger.info("metric of the checkpoint: %s", self.similarity.config())
+        else:
+            self.similarity = build_similarity(config, learnable=checkpoint is not None)
+            if checkpoint is not None:
+                load_similarity(self.similarity, checkpoint, "checkpoint")
         self.energy = build_energy(config, self.similarity).to(context.device)
         self.no_samples = config.trainer.no_samples_test
         if self.no_samples < 2:

@@ -51,6 +51,12 @@ class Trainer(BaseTrainer):
 
     def load_state(self, checkpoint: dict) -> None:
         load_similarity(self.similarity, checkpoint, "checkpoint")
+        if checkpoint["optimizer_q_phi"] is None:  # a pretrained model: a new run starts from its weights
+            same_grid = checkpoint["q_f"]["u"].shape == self.q_f.u.shape
+            if same_grid:
+                self.q_f.load_state_dict(checkpoint["q_f"])
+            self.logger.info("starting from pretrained theta%s", " and q_f" if same_grid else " (q_f: other grid)")
+            return
         self.q_f.load_state_dict(checkpoint["q_f"])
         self.optimizer_theta.load_state_dict(checkpoint["optimizer_q_phi"])
         self.optimizer_q_f.load_state_dict(checkpoint["optimizer_q_f"])

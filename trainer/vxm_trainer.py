@@ -15,18 +15,19 @@ from trainer.build import build_labels, to_device
 from trainer.checkpoint import (VXM_CHECKPOINT_KIND, CheckpointError, load_checkpoint, similarity_from_checkpoint,
                                 vxm_state)
 from trainer.monitor import TrainingMonitor
+from trainer.pretrained import resolve_checkpoint
 from utils.config import ConfigError, VxmTrainConfig
 from utils.distributed import Context, all_reduce_mean
 
 
 def build_vxm_similarity(config: VxmTrainConfig, map_location: str | torch.device = "cpu") -> SimilarityMetric:
     """The data term's metric: the baseline of ``data_loss.type``, or the learnt metric of ``data_loss.args.checkpoint``
-    (which must be of the same type)."""
+    (a path or pretrained:NAME; of the same type)."""
     data_loss = config.data_loss
     if data_loss.args.checkpoint is None:
         return SimilarityMetric(data_loss.type, learnable=False)
     path = data_loss.args.checkpoint
-    similarity = similarity_from_checkpoint(load_checkpoint(path, map_location), path)
+    similarity = similarity_from_checkpoint(load_checkpoint(resolve_checkpoint(path), map_location), path)
     if similarity.kind != data_loss.type:
         raise ConfigError(f"{config.source}: data_loss.type: {data_loss.type}, but the metric in {path} is a learnt "
                           f"{similarity.kind}")
