@@ -310,3 +310,17 @@ def test_missing_or_invalid_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"model: expected an object"):
         parse_config(set_key(demo_data(), "model", [1, 2]), DEMO)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "VXM").glob("*/*.json")), ids=lambda p: p.stem)
+def test_reference_voxelmorph_configs_parse_as_their_kind(path):
+    """The VoxelMorph configs read data/ukbiobank beside the repo: parsed here with that folder replaced."""
+    data = set_key(json.loads(path.read_text()), "data_loader.args.data_path", str(ROOT))
+    mode = "train" if path.stem.startswith("config_train") else "test"
+    config = parse_config(data, path.parent, str(path), mode)
+    assert type(config) is (VxmTrainConfig if mode == "train" else VxmTestConfig)
+    assert config.data_loader.args.dims == [128, 128, 128]
+    if mode == "train":
+        metric = path.parent.name
+        assert config.data_loss.type == metric
+        assert config.data_loss.args.checkpoint == (f"pretrained:{metric}_learnt" if "learnt" in path.stem else None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.demo_config import ROOT as REPO, tiny_config
+from tests.demo_config import ROOT as REPO, tiny_config, tiny_vxm_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -60,6 +60,35 @@ def test_two_gloo_ranks_end_with_identical_theta_and_q_f(tmp_path):
             assert torch.equal(value, rank1[part][key]), f"{part}.{key} differs between ranks"
     initial = torch.load(next(tmp_path.rglob("checkpoint_epoch1.pt")), weights_only=True)["model"]
     assert all(torch.equal(initial[k], rank0["model"][k]) for k in initial)
+
+
+def _train_vxm_rank(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from trainer.run_folder import create_run_folder
+    from trainer.vxm_trainer import VxmTrainer
+    from utils.config import load_config
+    from utils.distributed import setup, teardown
+
+    context = setup("cpu")
+    config = load_config(config_path)
+    trainer = VxmTrainer(config, create_run_folder(config.trainer.save_dir, config.name, "train", context), context)
+    trainer.train()
+    torch.save(trainer.model.state_dict(), f"{out}/vxm_rank{rank}.pt")
+    teardown()
+
+
+def test_two_gloo_ranks_train_one_voxelmorph_network(tmp_path):
+    config_path = tiny_vxm_config(tmp_path, subjects=5, no_epochs=1)
+    mp.spawn(_train_vxm_rank, args=(2, _free_port(), str(config_path), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"vxm_rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), f"{key} differs between ranks"
+    (checkpoint,) = tmp_path.rglob("checkpoint_epoch1.pt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 2  # 4 pairs, batch 1, two ranks: two steps each
+    assert all(torch.equal(saved["model_state"][k], rank0[k]) for k in rank0)
 
 
 @pytest.mark.parametrize("launcher", [

@@ -79,7 +79,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def is_voxelmorph(checkpoint: dict) -> bool:
-    """Whether a checkpoint dict holds a VoxelMorph network: ours (its kind) or the authors' (config and model_state)."""
+    """Whether a checkpoint dict holds a VoxelMorph network: ours (its kind) or the authors' (config, model_state)."""
     config = checkpoint.get("config")
     return checkpoint.get("kind") == VXM_CHECKPOINT_KIND or (
         "model_state" in checkpoint and isinstance(config, dict) and "inshape" in config)

@@ -165,8 +165,10 @@ def _cell(value: float | None, digits: int) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def format_table(summary: Mapping) -> str:
-    """A short text table of a summary: per structure Dice before / after / over samples, ASD and HD95 after."""
+def format_table(summary: Mapping, transformation_name: str = "posterior mean") -> str:
+    """A short text table of a summary: per structure Dice before / after / over samples, ASD and HD95 after.
+
+    ``transformation_name``: what the ``mean`` rows hold (the posterior mean of q_v, or VoxelMorph's output)."""
     header = f"{'structure':<22}{'Dice before':>12}{'Dice after':>12}{'Dice samples':>14}{'ASD mm':>9}{'HD95 mm':>9}"
     lines = [header, "-" * len(header)]
     entries = list(summary["per_structure"].items())
@@ -177,7 +179,8 @@ def format_table(summary: Mapping) -> str:
                      f"{_cell(values['samples']['dice'], 3):>14}{_cell(values['mean']['asd_mm'], 2):>9}"
                      f"{_cell(values['mean']['hd95_mm'], 2):>9}")
     after = summary["metrics"]["mean"]
-    lines.append(f"det J <= 0 in the fixed mask (posterior mean): {_cell(after['folding_voxels']['mean'], 1)} voxels "
+    lines.append(f"det J <= 0 in the fixed mask ({transformation_name}): "
+                 f"{_cell(after['folding_voxels']['mean'], 1)} voxels "
                  f"({_cell(after['folding_percent']['mean'], 3)} %) per pair; std log det J "
                  f"{_cell(after['log_jacobian_std']['mean'], 3)}")
     uncertainty = summary["uncertainty"]["mean"]

@@ -235,7 +235,7 @@ class BaseTester:
             comparison_boxplots(self.folder / SUMMARY_FIGURE, groups, metrics=("dice", "asd_mm", "hd95_mm"),
                                 title=self.config.name)
         self.logger.info("results per structure (%s unless stated), %d pairs:\n%s", self.transformation_name,
-                         summary["no_pairs"], format_table(summary))
+                         summary["no_pairs"], format_table(summary, self.transformation_name))
         before, after = summary["mean_dice_before"], summary["mean_dice_after"]
         self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s", summary["no_pairs"],
                          len(self.labels), "n/a" if before is None else f"{before:.3f}",
