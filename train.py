@@ -7,7 +7,6 @@ trains a VoxelMorph network.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

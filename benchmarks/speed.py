@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.energy import ContrastiveLoss, Energy
 from model.variational import QF, QV
 from trainer.build import build_energy, build_similarity
-from trainer.q_v_inference import fit_q_v
+from trainer.q_v_inference import fit_q_v, infer_q_v
 from utils.config import QVTestConfig, parse_config
 from utils.distributed import all_reduce_mean, barrier, setup, teardown
 
@@ -233,10 +233,10 @@ def bench_configuration(spec: dict) -> dict:
 
     if spec["whole_registration"] > 0:
         # one pair from the initial q_v: Adam set-up, f(F) and all iterations
-        q_v = initial_q_v(config, energy, 1, device)
         synchronize(device)
         begin = time.perf_counter()
-        fit_q_v(energy, q_v, fixed[:1], moving[:1], mask[:1], spec["whole_registration"], lr, **q_v_options(spec))
+        infer_q_v(energy, fixed[:1], moving[:1], mask[:1], config, no_iters=spec["whole_registration"],
+                  **q_v_options(spec))
         synchronize(device)
         result["whole_registration"] = {"iterations": spec["whole_registration"], "pairs": 1,
                                         "seconds": time.perf_counter() - begin}
@@ -277,11 +277,9 @@ def _scaling_rank(rank: int, world: int, port: int, spec: dict, out: str) -> Non
         optimizers = [torch.optim.Adam(contrastive.similarity.parameters(), lr=config.optimizer_q_phi.args.lr),
                       torch.optim.Adam(contrastive.q_f.parameters(), lr=config.optimizer_q_f.args.lr)]
     fixed, moving, mask = make_images(config.data_loader.args.dims, spec["batch"], device, spec["seed"] + rank)
-    lr = config.optimizer_q_v.args.lr
 
     def train_batch(no_iters: int) -> None:
-        q_v = initial_q_v(config, energy, spec["batch"], device)
-        fit_q_v(energy, q_v, fixed, moving, mask, no_iters, lr, **q_v_options(spec))
+        q_v, _ = infer_q_v(energy, fixed, moving, mask, config, no_iters=no_iters, **q_v_options(spec))
         if step_module is not None:
             theta_step(energy, step_module, optimizers, q_v, fixed, moving, mask)
 

@@ -81,9 +81,9 @@ def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, 
 
 def infer_q_v(energy: Energy, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
               config: QVTestConfig, states: Sequence[dict[str, torch.Tensor] | None] | None = None,
-              progress: bool = False, **fit_options) -> tuple[QV, dict[str, torch.Tensor]]:
+              progress: bool = False, no_iters: int | None = None, **fit_options) -> tuple[QV, dict[str, torch.Tensor]]:
     """q_v inference for a batch of pairs: start each pair from its saved state (None, or no ``states``: the
-    initial q_v of the config), then ``trainer.no_iters_q_v`` iterations at ``optimizer_q_v``'s lr.
+    initial q_v of the config), then ``trainer.no_iters_q_v`` (or ``no_iters``) iterations at ``optimizer_q_v``'s lr.
 
     Images (B, 1, *dims) on the device of the run. Returns q_v and the per-pair terms of the last iteration; the
     caller saves q_v's states or samples from it. ``fit_options``: see ``fit_q_v``.
@@ -96,6 +96,7 @@ def infer_q_v(energy: Energy, fixed: torch.Tensor, moving: torch.Tensor, mask: t
     else:
         initial = QV.initial(1, shape, args.sigma_v_init, args.u_v_init).state(0)
         q_v = QV.from_states([initial if state is None else state for state in states], moving.device)
-    terms = fit_q_v(energy, q_v, fixed, moving, mask, config.trainer.no_iters_q_v, config.optimizer_q_v.args.lr,
-                    progress=progress, **fit_options)
+    no_iters = config.trainer.no_iters_q_v if no_iters is None else no_iters
+    terms = fit_q_v(energy, q_v, fixed, moving, mask, no_iters, config.optimizer_q_v.args.lr, progress=progress,
+                    **fit_options)
     return q_v, terms
