@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import add_common_arguments, run
-from trainer.run_folder import create_run_folder, write_config
+from trainer.run_folder import new_run_folder, started_run
 from trainer.tester import Tester
 from utils.config import load_config
 from utils.distributed import setup, teardown
@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Check everything (device, config, checkpoint, data), then create the run folder and register; the folder's
+    status becomes 'finished' only once every result is written."""
     args = parse_args(argv)
     context = setup(args.device, args.local_rank)
     try:
@@ -34,10 +36,10 @@ def main(argv: list[str] | None = None) -> Path:
             config.model.args.learnable = False  # no learnt weights: test with the baseline metric
             if context.is_main:
                 sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
-        folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
-        if context.is_main:
-            write_config(folder, config.to_dict())
-        Tester(config, folder, context, checkpoint).test()
+        folder = new_run_folder(config.trainer.save_dir, config.name, "test", context)
+        tester = Tester(config, folder, context, checkpoint)
+        with started_run(folder, config.to_dict(), context):
+            tester.test()
         return folder
     finally:
         teardown()

@@ -6,10 +6,13 @@ from pathlib import Path
 import torch
 
 from model.similarity import SimilarityMetric
+from utils.config import RESUMABLE_KEYS, Config, ConfigError, apply_overrides, changed_keys, load_config, parse_config
 from utils.io import atomic_torch_save
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
 FORMAT_VERSION = 1
+REQUIRED = {"epoch": int, "step": int, "similarity": dict, "model": dict, "q_f": dict, "optimizer_q_phi": dict,
+            "optimizer_q_f": dict, "config": dict}  # what every checkpoint of this kind and version holds
 
 
 class CheckpointError(ValueError):
@@ -34,7 +37,10 @@ def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: Similarity
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a checkpoint of this project; clear errors for anything else."""
+    """Read and check a checkpoint of this project; clear errors for anything else.
+
+    The returned dict also holds ``source``, the path it was read from, for messages.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -53,7 +59,45 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
-    return checkpoint
+    for key, kind in REQUIRED.items():
+        if key not in checkpoint:
+            raise CheckpointError(f"{path}: checkpoint has no {key!r} (incomplete or damaged)")
+        if not isinstance(checkpoint[key], kind) or (kind is int and isinstance(checkpoint[key], bool)):
+            raise CheckpointError(f"{path}: checkpoint {key!r} is a {type(checkpoint[key]).__name__}, expected "
+                                  f"{kind.__name__}")
+    return {**checkpoint, "source": str(path)}
+
+
+def load_state(target: torch.nn.Module | torch.optim.Optimizer, checkpoint: dict, key: str) -> None:
+    """``target.load_state_dict(checkpoint[key])``, failing with the checkpoint and key named."""
+    try:
+        target.load_state_dict(checkpoint[key])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{checkpoint['source']}: {key} does not fit the configured run ({reason})") from None
+
+
+def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str]) -> Config:
+    """The config of a resumed run: the checkpoint's, or ``config_file``'s, with ``overrides`` applied.
+
+    Either must agree with the checkpoint's config on every key but RESUMABLE_KEYS, and leave epochs to run.
+    """
+    source = checkpoint["source"]
+    stored = parse_config(checkpoint["config"], Path(source).parent, f"{source} (config)")
+    if config_file:
+        config = load_config(config_file, overrides)
+    else:
+        config = parse_config(apply_overrides(checkpoint["config"], overrides), Path(source).parent,
+                              f"{source} (config)")
+    changed = [key for key in changed_keys(stored.to_dict(), config.to_dict()) if key not in RESUMABLE_KEYS]
+    if changed:
+        given = f"{config_file}" if config_file else "--set"
+        raise ConfigError(f"{given}: {', '.join(changed)} differ from the config of the run in {source}; a resumed "
+                          f"run continues that run, so only {', '.join(RESUMABLE_KEYS)} may change")
+    if checkpoint["epoch"] >= config.trainer.no_epochs:
+        raise ConfigError(f"{source}: the run has finished all its {config.trainer.no_epochs} epochs, nothing to "
+                          f"resume; to train longer, add --set trainer.no_epochs=N with N > {checkpoint['epoch']}")
+    return config
 
 
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:

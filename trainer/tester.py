@@ -67,22 +67,21 @@ def kept_items(index: int, batch_size: int, loader_batch_size: int, context: Con
 
 
 class Tester:
-    """Registers every pair of the config's pairs file and writes the results into ``folder``."""
+    """Registers every pair of the config's pairs file and writes the results into ``folder``.
+
+    Building it checks the data and the checkpoint and writes nothing; ``test`` writes.
+    """
 
     def __init__(self, config: Config, folder: Path, context: Context, checkpoint: dict | None = None):
         self.config, self.folder, self.context = config, Path(folder), context
-        self.logger = get_logger(self.folder, context, "test")
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=False)
         self.similarity = build_similarity(config)
         if checkpoint is not None:
-            load_similarity(self.similarity, checkpoint, "checkpoint")
+            load_similarity(self.similarity, checkpoint, checkpoint.get("source", "checkpoint"))
         self.energy = build_energy(config, self.similarity).to(context.device)
         self.labels = build_labels(config)
         self.no_samples = config.trainer.no_samples_test
-        if self.no_samples < 2:
-            self.logger.warning("no_samples_test = %d: the displacement std (uncertainty) needs at least 2 samples "
-                                "and is left out", self.no_samples)
 
     def register(self, batch: dict, index: int) -> QV:
         """q_v of a batch of pairs, inferred from the initial q_v."""
@@ -193,6 +192,10 @@ class Tester:
 
     def test(self) -> list[dict]:
         """Register all pairs; rank 0 gathers, writes metrics.csv, summary.json and summary.png and prints a table."""
+        self.logger = get_logger(self.folder, self.context, "test")
+        if self.no_samples < 2:
+            self.logger.warning("no_samples_test = %d: the displacement std (uncertainty) needs at least 2 samples "
+                                "and is left out", self.no_samples)
         rows, uncertainty = [], {}
         for index, batch in enumerate(tqdm(self.loader, desc="pairs", disable=not self.context.is_main)):
             q_v = self.register(batch, index)

@@ -12,7 +12,7 @@ from model.energy import ContrastiveLoss
 from model.variational import QF, QV
 from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
                            to_device)
-from trainer.checkpoint import load_similarity, save_checkpoint
+from trainer.checkpoint import load_similarity, load_state, save_checkpoint
 from trainer.monitor import TrainingMonitor
 from trainer.q_v_inference import denormals_flushed, fit_q_v
 from trainer.q_v_store import QVStore
@@ -22,12 +22,17 @@ from utils.distributed import Context, all_reduce_mean, barrier
 
 
 class Trainer:
-    """One training run in ``folder``; resumes from ``checkpoint`` (a dict from load_checkpoint) when given."""
+    """One training run in ``folder``; resumes from ``checkpoint`` (a dict from load_checkpoint) when given.
 
-    def __init__(self, config: Config, folder: Path, context: Context, checkpoint: dict | None = None):
+    Building it checks everything (config, data, checkpoint, saved q_v states) and writes nothing, so a run that
+    cannot start leaves no folder behind; ``train`` writes. ``reset_q_v`` starts every pair's q_v afresh in the
+    first epoch of a resumed run instead of from its saved state.
+    """
+
+    def __init__(self, config: Config, folder: Path, context: Context, checkpoint: dict | None = None,
+                 reset_q_v: bool = False):
         config.require_training()
         self.config, self.folder, self.context = config, Path(folder), context
-        self.logger = get_logger(self.folder, context, "train")
         device = context.device
         self.dataset = build_dataset(config, context)
         fixed_ids = {fixed for fixed, _ in self.dataset.pairs}
@@ -46,27 +51,31 @@ class Trainer:
         self.start_epoch, self.step = 1, 0
         if checkpoint is not None:
             self._resume(checkpoint)
+        self.store = QVStore(self.folder / "q_v")
+        self.fresh_q_v_epoch = self.start_epoch if reset_q_v else 1
+        if self.start_epoch > self.fresh_q_v_epoch:
+            self.store.check(self.dataset.pair_ids, self.start_epoch, self.energy.transformation.velocity_shape)
         self.step_module = (DistributedDataParallel(self.contrastive, device_ids=[device.index]
                                                     if device.type == "cuda" else None)
                             if context.distributed else self.contrastive)
-        self.store = QVStore(self.folder / "q_v")
-        self.writer = SummaryWriter(str(self.folder / "log")) if context.is_main else None
-        self.monitor = TrainingMonitor(self.writer, config, context, build_labels(config))  # Dice, images, histograms
+        self.labels = build_labels(config)
+        self.logger = self.writer = self.monitor = None  # made by train(): building writes nothing
 
     def _resume(self, checkpoint: dict) -> None:
-        load_similarity(self.similarity, checkpoint, "checkpoint")
-        self.q_f.load_state_dict(checkpoint["q_f"])
-        self.optimizer_theta.load_state_dict(checkpoint["optimizer_q_phi"])
-        self.optimizer_q_f.load_state_dict(checkpoint["optimizer_q_f"])
+        source = checkpoint["source"]
+        load_similarity(self.similarity, checkpoint, source)
+        load_state(self.q_f, checkpoint, "q_f")
+        load_state(self.optimizer_theta, checkpoint, "optimizer_q_phi")
+        load_state(self.optimizer_q_f, checkpoint, "optimizer_q_f")
         self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
-        self.logger.info("resuming after epoch %d (step %d)", checkpoint["epoch"], self.step)
 
     def _q_v_for(self, pair_ids: list[str], epoch: int) -> QV:
         """The batch's q_v: each pair's saved state from earlier epochs, or the initial q_v."""
         args = self.config.data_loader.args
         shape = self.energy.transformation.velocity_shape
         initial = QV.initial(1, shape, args.sigma_v_init, args.u_v_init)
-        states = [self.store.load(pid, epoch, shape) or initial.state(0) for pid in pair_ids]
+        fresh = epoch <= self.fresh_q_v_epoch
+        states = [initial.state(0) if fresh else self.store.load(pid, epoch, shape) for pid in pair_ids]
         return QV.from_states(states, self.context.device)
 
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
@@ -94,6 +103,12 @@ class Trainer:
 
     def train(self) -> Path | None:
         """Run the remaining epochs; returns the path of the last checkpoint (None when nothing was left to do)."""
+        self.logger = get_logger(self.folder, self.context, "train")
+        self.writer = SummaryWriter(str(self.folder / "log")) if self.context.is_main else None
+        self.monitor = TrainingMonitor(self.writer, self.config, self.context, self.labels)  # Dice, images, histograms
+        if self.start_epoch > 1:
+            self.logger.info("resuming after epoch %d (step %d)%s", self.start_epoch - 1, self.step,
+                             ", q_v reset" if self.fresh_q_v_epoch > 1 else "")
         last = None
         for epoch in range(self.start_epoch, self.config.trainer.no_epochs + 1):
             self.loader.sampler.set_epoch(epoch)
