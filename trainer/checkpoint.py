@@ -1,13 +1,14 @@
 """Checkpoints of a learnt similarity metric: plain dicts of state dicts, loaded with weights_only=True."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
 from model.similarity import SimilarityMetric
 from utils.config import RESUMABLE_KEYS, Config, ConfigError, apply_overrides, changed_keys, load_config, parse_config
-from utils.io import atomic_torch_save
+from utils.io import atomic_torch_save, first_line
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
 FORMAT_VERSION = 1
@@ -46,8 +47,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused, it holds pickled Python objects besides tensors and plain "
+                              f"containers (checkpoints are loaded with weights_only=True)") from None
+    except Exception as error:  # torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
     if checkpoint.get("kind") != CHECKPOINT_KIND:
@@ -73,8 +77,8 @@ def load_state(target: torch.nn.Module | torch.optim.Optimizer, checkpoint: dict
     try:
         target.load_state_dict(checkpoint[key])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{checkpoint['source']}: {key} does not fit the configured run ({reason})") from None
+        raise CheckpointError(f"{checkpoint['source']}: {key} does not fit the configured run "
+                              f"({first_line(error)})") from None
 
 
 def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str]) -> Config:

@@ -10,13 +10,14 @@ written) are always kept.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from model.variational import Q_V_KEYS
-from utils.io import atomic_torch_save, name_problem
+from utils.io import atomic_torch_save, first_line, name_problem
 
 _NAME = re.compile(r"^(?P<pair>.+)\.epoch(?P<epoch>\d+)\.pt$")
 RESET_HINT = "resume with --reset-q-v to start q_v afresh on purpose"
@@ -51,11 +52,12 @@ class QVStore:
         if not path.is_file():
             raise QVStateError(f"{path}: q_v state of pair {pair_id} after epoch {epoch - 1} is missing, so the run "
                                f"cannot resume exactly; {RESET_HINT}")
+        if not zipfile.is_zipfile(path):  # what torch.save writes; checked first, as mmap's error would mislead
+            raise QVStateError(f"{path}: corrupt q_v state (not a torch zip archive); {RESET_HINT}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise QVStateError(f"{path}: corrupt q_v state ({reason}); {RESET_HINT}") from None
+        except Exception as error:  # torch raises many types for a damaged file
+            raise QVStateError(f"{path}: corrupt q_v state ({first_line(error)}); {RESET_HINT}") from None
         expected = (3, *velocity_shape)
         for key in Q_V_KEYS:
             if not isinstance(state, dict) or not isinstance(state.get(key), torch.Tensor):

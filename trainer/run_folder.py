@@ -111,6 +111,16 @@ def started_run(folder: Path, config: dict, context: Context, resumed: bool = Fa
         write_status(folder, "finished")
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) stop the run with the file named, instead of a printed traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror or str(error), self.baseFilename) from error
+        super().handleError(record)
+
+
 def get_logger(folder: Path, context: Context, name: str) -> logging.Logger:
     """Logger to the console and ``<folder>/<name>.log`` on rank 0; warnings only on the other ranks."""
     logger = logging.getLogger(f"learnsim.{name}.{folder}")
@@ -119,7 +129,7 @@ def get_logger(folder: Path, context: Context, name: str) -> logging.Logger:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
         handlers = [logging.StreamHandler(sys.stdout)]
         if context.is_main:
-            handlers.append(logging.FileHandler(folder / f"{name}.log"))
+            handlers.append(_FileHandler(folder / f"{name}.log"))
         for handler in handlers:
             handler.setFormatter(formatter)
             logger.addHandler(handler)

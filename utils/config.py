@@ -33,7 +33,7 @@ def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     stays inside its folder; ``key``: the JSON name when it is not an identifier.
     """
     rules = {"gt": gt, "ge": ge, "length": length, "min_length": min_length, "name": name, "inside": inside}
-    metadata = {k: v for k, v in rules.items() if v not in (None, False)}
+    metadata = {k: v for k, v in rules.items() if v is not None and v is not False}
     if key is not None:
         metadata["key"] = key
     return field(default=default, default_factory=factory, metadata=metadata)

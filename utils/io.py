@@ -21,6 +21,12 @@ NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
 TMP_PREFIX = ".tmp-"  # temporary files of atomic writes; a run removes stale ones from its own folder
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error messages."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` (a subject ID, a run name) cannot be one file or folder name inside our folders; None if it can.
 
