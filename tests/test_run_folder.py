@@ -1,6 +1,7 @@
 """trainer.run_folder: run status, the resume layout, and the cleanup of what killed runs leave behind."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import train as train_entry
 from data_loader.demo import ensure_demo_dataset
 from tests.demo_config import tiny_config
 from trainer.checkpoint import CheckpointError
-from trainer.run_folder import read_status, resumed_run_folder
+from trainer.run_folder import get_logger, read_status, resumed_run_folder
 from trainer.trainer import Trainer
+from utils.distributed import setup
 
 
 def test_status_of_finished_train_and_test_runs(tmp_path):
@@ -77,3 +79,16 @@ def test_stale_demo_builds_of_dead_processes_are_removed(tmp_path):
         (folder / "sub-01").mkdir(parents=True)
     ensure_demo_dataset(target)
     assert not stale.exists() and live.exists()
+
+
+def test_a_full_disk_under_the_log_file_stops_the_run_with_the_file_named(tmp_path, monkeypatch):
+    logger = get_logger(tmp_path, setup("cpu"), "train")
+    (handler,) = [h for h in logger.handlers if hasattr(h, "baseFilename")]
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(handler.stream, "write", full)
+    with pytest.raises(OSError) as error:
+        logger.info("a line")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "train.log")

@@ -62,15 +62,15 @@ class Trainer:
         self.logger = self.writer = self.monitor = None  # made by train(): building writes nothing
 
     def _resume(self, checkpoint: dict) -> None:
-        source = checkpoint["source"]
-        load_similarity(self.similarity, checkpoint, source)
+        load_similarity(self.similarity, checkpoint, checkpoint["source"])
         load_state(self.q_f, checkpoint, "q_f")
         load_state(self.optimizer_theta, checkpoint, "optimizer_q_phi")
         load_state(self.optimizer_q_f, checkpoint, "optimizer_q_f")
         self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
 
     def _q_v_for(self, pair_ids: list[str], epoch: int) -> QV:
-        """The batch's q_v: each pair's saved state from earlier epochs, or the initial q_v."""
+        """The batch's q_v: each pair's state saved in the previous epoch, or the initial q_v in the first epoch
+        (of the run, or of a resumed run with --reset-q-v)."""
         args = self.config.data_loader.args
         shape = self.energy.transformation.velocity_shape
         initial = QV.initial(1, shape, args.sigma_v_init, args.u_v_init)

@@ -64,7 +64,7 @@ def _check_value(value: Any, rules: typing.Mapping, where: str) -> None:
 
 @dataclass
 class Section:
-    """A block of the config; subclasses declare keys as fields (metadata 'key' for JSON names that aren't identifiers)."""
+    """A block of the config; subclasses declare keys as fields, with ``checked(...)`` for their value checks."""
 
     def check(self, where: str) -> None:
         """Cross-field validation of this block; raise ConfigError mentioning ``where``."""
