@@ -97,10 +97,11 @@ def started_run(folder: Path, config: dict, context: Context, resumed: bool = Fa
                 Path(folder).mkdir()
             except FileExistsError:
                 raise FileExistsError(f"run folder {folder} was created by another run meanwhile; start again") from None
-        write_status(folder, "running")
-        write_config(folder, config)
-    barrier(context)
     try:
+        if context.is_main:
+            write_status(folder, "running")
+            write_config(folder, config)
+        barrier(context)
         yield Path(folder)
     except BaseException as error:
         if context.is_main:
