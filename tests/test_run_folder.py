@@ -52,7 +52,9 @@ def test_a_killed_run_is_marked_failed_and_resume_cleans_up_and_can_reset_q_v(tm
         path.write_bytes(b"half written")
     for path in (run / "q_v").glob("*.epoch1.pt"):
         path.unlink()  # q_v state lost: only a deliberate reset may go on
-    resumed = train_entry.main(["-r", str(checkpoint), "--device", "cpu", "--reset-q-v"])
+    # -c with the run's own config is allowed: it agrees with the checkpoint on every key
+    resumed = train_entry.main(["-c", str(run / "config.json"), "-r", str(checkpoint), "--device", "cpu",
+                                "--reset-q-v"])
     assert resumed == run / "checkpoints" / "checkpoint_epoch2.pt"
     assert read_status(run)["status"] == "finished"
     assert not any(path.exists() for path in stale)
