@@ -123,10 +123,14 @@ def truncated_checkpoint(ws: Workspace):
     return registering(ws, "-r", str(path))
 
 
-def checkpoint_without(key: str) -> Callable:
+def checkpoint_without(key: str, resume: bool = False) -> Callable:
+    """test.py with a copy of the checkpoint that lacks ``key``, or (``resume``) train.py resuming the run's own."""
     def case(ws: Workspace):
         state = torch.load(ws.checkpoint, weights_only=True)
         del state[key]
+        if resume:
+            torch.save(state, ws.checkpoint)
+            return resuming(ws)
         torch.save(state, ws.root / "partial.pt")
         return registering(ws, "-r", str(ws.root / "partial.pt"))
     return case
@@ -286,6 +290,8 @@ CASES = [
     ("checkpoint-truncated", truncated_checkpoint, None, ["broken.pt"]),
     ("checkpoint-without-model", checkpoint_without("model"), None, ["partial.pt", "'model'"]),
     ("checkpoint-without-q_f", checkpoint_without("q_f"), None, ["partial.pt", "'q_f'"]),
+    ("resume-checkpoint-without-optimizer", checkpoint_without("optimizer_q_f", resume=True), None,
+     ["checkpoint_epoch1.pt", "'optimizer_q_f'"]),
     ("checkpoint-voxelmorph", voxelmorph_checkpoint, None, ["vxm.pt", "VoxelMorph"]),
     ("checkpoint-malicious", malicious_checkpoint, None, ["evil.pt", "weights_only"]),
     ("checkpoint-other-features", checkpoint_of_other_features, None, ["checkpoint_epoch1.pt", "no_features"]),

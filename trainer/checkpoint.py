@@ -12,8 +12,8 @@ from utils.io import atomic_torch_save, first_line
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
 FORMAT_VERSION = 1
-REQUIRED = {"epoch": int, "step": int, "similarity": dict, "model": dict, "q_f": dict, "optimizer_q_phi": dict,
-            "optimizer_q_f": dict, "config": dict}  # what every checkpoint of this kind and version holds
+REQUIRED = {"epoch": int, "step": int, "similarity": dict, "model": dict, "q_f": dict}  # in every checkpoint
+REQUIRED_TO_RESUME = {"optimizer_q_phi": dict, "optimizer_q_f": dict, "config": dict}  # in those of a training run
 
 
 class CheckpointError(ValueError):
@@ -63,13 +63,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
-    for key, kind in REQUIRED.items():
-        if key not in checkpoint:
-            raise CheckpointError(f"{path}: checkpoint has no {key!r} (incomplete or damaged)")
-        if not isinstance(checkpoint[key], kind) or (kind is int and isinstance(checkpoint[key], bool)):
-            raise CheckpointError(f"{path}: checkpoint {key!r} is a {type(checkpoint[key]).__name__}, expected "
-                                  f"{kind.__name__}")
+    _check_keys(checkpoint, REQUIRED, path)
     return {**checkpoint, "source": str(path)}
+
+
+def _check_keys(checkpoint: dict, required: dict[str, type], source: str | Path) -> None:
+    """Fail unless ``checkpoint`` holds every key of ``required`` with a value of its type."""
+    for key, kind in required.items():
+        if key not in checkpoint:
+            raise CheckpointError(f"{source}: checkpoint has no {key!r} (incomplete or damaged)")
+        if not isinstance(checkpoint[key], kind) or (kind is int and isinstance(checkpoint[key], bool)):
+            raise CheckpointError(f"{source}: checkpoint {key!r} is a {type(checkpoint[key]).__name__}, expected "
+                                  f"{kind.__name__}")
 
 
 def load_state(target: torch.nn.Module | torch.optim.Optimizer, checkpoint: dict, key: str) -> None:
@@ -87,6 +92,7 @@ def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str
     Either must agree with the checkpoint's config on every key but RESUMABLE_KEYS, and leave epochs to run.
     """
     source = checkpoint["source"]
+    _check_keys(checkpoint, REQUIRED_TO_RESUME, source)
     stored = parse_config(checkpoint["config"], Path(source).parent, f"{source} (config)")
     if config_file:
         config = load_config(config_file, overrides)
