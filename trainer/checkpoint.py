@@ -101,8 +101,8 @@ def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str
                               f"{source} (config)")
     changed = [key for key in changed_keys(stored.to_dict(), config.to_dict()) if key not in RESUMABLE_KEYS]
     if changed:
-        raise ConfigError(f"{config_file or '--set'}: {', '.join(changed)} differ from the config of the run in {source}; a resumed "
-                          f"run continues that run, so only {', '.join(RESUMABLE_KEYS)} may change")
+        raise ConfigError(f"{config_file or '--set'}: {', '.join(changed)} differ from the config of the run in "
+                          f"{source}; a resumed run continues that run, so only {', '.join(RESUMABLE_KEYS)} may change")
     if checkpoint["epoch"] >= config.trainer.no_epochs:
         raise ConfigError(f"{source}: the run has finished all its {config.trainer.no_epochs} epochs, nothing to "
                           f"resume; to train longer, add --set trainer.no_epochs=N with N > {checkpoint['epoch']}")

@@ -68,7 +68,7 @@ class QVStore:
         return {key: state[key] for key in Q_V_KEYS}
 
     def check(self, pair_ids: Iterable[str], epoch: int, velocity_shape: tuple[int, ...]) -> None:
-        """Fail now, naming the file, unless every pair has a usable state for ``epoch`` (before anything is written)."""
+        """Fail now, naming the file, unless every pair has a usable state for ``epoch`` (before writing anything)."""
         for pair_id in dict.fromkeys(pair_ids):
             self.load(pair_id, epoch, velocity_shape, mmap=True)
 

@@ -1,4 +1,4 @@
-"""Run folders: ``<save_dir>/<name>/<mode>-<timestamp>/`` holding the resolved config, status, checkpoints, q_v and logs.
+"""Run folders: ``<save_dir>/<name>/<mode>-<timestamp>/`` with the resolved config, status, checkpoints, q_v, logs.
 
 A folder is created only once its run has been checked and can start. ``status.json`` says what became of the
 run: ``running`` (also what a killed run leaves), ``failed`` with the error message, or ``finished``.
@@ -25,7 +25,7 @@ _CHECKPOINT_NAME = re.compile(r"checkpoint_epoch\d+\.pt")
 
 
 def new_run_folder(save_dir: Path, name: str, mode: str, context: Context) -> Path:
-    """The path of a new run folder, decided by rank 0 and shared with every rank; ``start_run`` creates it."""
+    """The path of a new run folder, decided by rank 0 and shared with every rank; ``started_run`` creates it."""
     folder = None
     if context.is_main:
         stem = Path(save_dir) / name / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -96,7 +96,7 @@ def started_run(folder: Path, config: dict, context: Context, resumed: bool = Fa
             try:
                 Path(folder).mkdir()
             except FileExistsError:
-                raise FileExistsError(f"run folder {folder} was created by another run meanwhile; start again") from None
+                raise FileExistsError(f"run folder {folder} was made by another run meanwhile; start again") from None
     try:
         if context.is_main:
             write_status(folder, "running")
