@@ -13,9 +13,9 @@ from pathlib import Path
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_voxelmorph
 from trainer.cli import add_common_arguments, run
 from trainer.pretrained import resolve_checkpoint
-from trainer.run_folder import create_run_folder, write_config
+from trainer.run_folder import new_run_folder, started_run
 from trainer.tester import Tester
-from trainer.vxm_tester import VxmTester, check_input_shape
+from trainer.vxm_tester import VxmTester
 from utils.config import load_config
 from utils.distributed import setup, teardown
 
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Check everything (device, config, checkpoint, data), then create the run folder and register; the folder's
+    status becomes 'finished' only once every result is written."""
     args = parse_args(argv)
     context = setup(args.device, args.local_rank)
     try:
@@ -39,18 +41,16 @@ def main(argv: list[str] | None = None) -> Path:
             if not args.resume:
                 raise CheckpointError(f"{config.source} is a {config.kind}: give the network to test with -r")
             model, _ = load_voxelmorph(resolve_checkpoint(args.resume), context.device)
-            check_input_shape(model, config, args.resume)
-            folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
+            folder = new_run_folder(config.trainer.save_dir, config.name, "test", context)
             tester = VxmTester(config, folder, context, model, args.resume)
         else:
             checkpoint = load_checkpoint(resolve_checkpoint(args.resume), context.device) if args.resume else None
             if checkpoint is None and config.model.args.learnable and context.is_main:
                 sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
-            folder = create_run_folder(config.trainer.save_dir, config.name, "test", context)
+            folder = new_run_folder(config.trainer.save_dir, config.name, "test", context)
             tester = Tester(config, folder, context, checkpoint)
-        if context.is_main:
-            write_config(folder, config.to_dict())
-        tester.test()
+        with started_run(folder, config.to_dict(), context):
+            tester.test()
         return folder
     finally:
         teardown()

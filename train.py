@@ -10,56 +10,63 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import VXM_CHECKPOINT_KIND, CheckpointError, from_a_run, load_training_checkpoint
+from trainer.checkpoint import CheckpointError, check_kind, from_a_run, load_training_checkpoint, resume_config
 from trainer.cli import add_common_arguments, run
 from trainer.pretrained import resolve_checkpoint
-from trainer.run_folder import create_run_folder, write_config
+from trainer.run_folder import new_run_folder, resumed_run_folder, started_run
 from trainer.trainer import Trainer
 from trainer.vxm_trainer import VxmTrainer
-from utils.config import apply_overrides, load_config, parse_config
+from utils.config import ConfigError, load_config
 from utils.distributed import setup, teardown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-c", "--config", help="JSON config (with -r alone: the run's own config.json)")
+    parser.add_argument("-c", "--config", help="JSON config (with -r: must agree with the run's config on every "
+                                               "key that a resumed run may not change)")
     parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder. With "
                                                 "-c, pretrained:NAME starts a new run from that model's weights")
+    parser.add_argument("--reset-q-v", action="store_true",
+                        help="with -r: start every pair's q_v afresh instead of from its saved state")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
         parser.error("give a config (-c) or a checkpoint to resume (-r)")
+    if args.reset_q_v and not args.resume:
+        parser.error("--reset-q-v only applies when resuming (-r)")
     return args
 
 
 def main(argv: list[str] | None = None) -> Path | None:
+    """Check everything (device, config, checkpoint, data, q_v states), then create or reopen the run folder
+    and train; a run that cannot start writes nothing."""
     args = parse_args(argv)
     context = setup(args.device, args.local_rank)
     try:
-        checkpoint, folder = None, None
+        checkpoint, resumed = None, False
         if args.resume:
             path = resolve_checkpoint(args.resume)
             checkpoint = load_training_checkpoint(path, context.device)
-            if from_a_run(checkpoint):  # the run continues in its folder
-                folder = path.resolve().parent.parent
-            elif not args.config:
+            resumed = from_a_run(checkpoint)
+            if not resumed and not args.config:
                 raise CheckpointError(f"{args.resume} is a pretrained model, not a run to resume: give a config "
                                       f"(-c) to start a new run from its weights")
-        if args.config:
-            config = load_config(args.config, args.set, mode="train")
+        if resumed:
+            config = resume_config(checkpoint, args.config, args.set)
+            folder = resumed_run_folder(path)
         else:
-            config = parse_config(apply_overrides(checkpoint["config"], args.set), folder, f"{args.resume} (config)",
-                                  mode="train")
-        if checkpoint is not None and (checkpoint["kind"] == VXM_CHECKPOINT_KIND) != (config.method == "voxelmorph"):
-            what = "a VoxelMorph network" if checkpoint["kind"] == VXM_CHECKPOINT_KIND else "a learnt metric"
-            raise CheckpointError(f"{args.resume}: the checkpoint holds {what}, but {config.source} is a "
-                                  f"{config.kind}")
-        if folder is None:
-            folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
-        if context.is_main:
-            write_config(folder, config.to_dict())
-        trainer = VxmTrainer if config.method == "voxelmorph" else Trainer
-        last = trainer(config, folder, context, checkpoint).train()
+            config = load_config(args.config, args.set, mode="train")
+            if checkpoint is not None:
+                check_kind(checkpoint, config)
+            folder = new_run_folder(config.trainer.save_dir, config.name, "train", context)
+        if config.method == "voxelmorph":
+            if args.reset_q_v:
+                raise ConfigError(f"{config.source}: --reset-q-v: a VoxelMorph run has no q_v")
+            trainer = VxmTrainer(config, folder, context, checkpoint)
+        else:
+            trainer = Trainer(config, folder, context, checkpoint, reset_q_v=args.reset_q_v)
+        with started_run(folder, config.to_dict(), context, resumed=resumed):
+            last = trainer.train()
         if context.is_main and last is not None:
             sys.stdout.write(f"checkpoint: {last}\nregister with it: python test.py -c CONFIG -r {last}\n")
         return last

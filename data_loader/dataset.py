@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_loader.geometry import resample_to_working, working_affine
-from utils.io import PathLike, load_nifti, read_nifti_header
+from utils.io import PathLike, load_nifti, name_problem, read_nifti_header, relative_path_problem
 
 # the 15 evaluation structures of the paper, FreeSurfer label ids (names as in the project's labels.json files)
 DEFAULT_LABELS: dict[str, int] = {
@@ -51,18 +51,40 @@ def load_labels(path: PathLike) -> dict[str, int]:
     return dict(labels)
 
 
+def pair_id(fixed: str, moving: str) -> str:
+    """The name of a pair in file names and results: ``<fixed>_<moving>``."""
+    return f"{fixed}_{moving}"
+
+
 def read_pairs(path: Path) -> list[tuple[str, str]]:
-    """Parse a pairs CSV: no header, one ``fixed,moving`` pair of IDs per line; blank lines are skipped."""
+    """Parse a pairs CSV: no header, one ``fixed,moving`` pair of IDs per line; blank lines are skipped.
+
+    IDs are folder names under the data path and parts of output file names, so each must be a plain name (no
+    path separator, no leading '.'), and two different pairs must not share a pair ID.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
-    pairs = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    pairs, seen = [], {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = [field.strip() for field in line.split(",")]
         if len(fields) != 2 or not all(fields):
             raise ValueError(f"{path}, line {line_no}: expected 'fixed,moving' (two IDs), got {line!r}")
-        pairs.append((fields[0], fields[1]))
+        for subject in fields:
+            problem = name_problem(subject)
+            if problem:
+                raise ValueError(f"{path}, line {line_no}: subject ID {subject!r} {problem}")
+        pair = (fields[0], fields[1])
+        first = seen.setdefault(pair_id(*pair), (pair, line_no))
+        if first[0] != pair:
+            raise ValueError(f"{path}, line {line_no}: pair {','.join(pair)} has the same pair ID "
+                             f"{pair_id(*pair)!r} as {','.join(first[0])} on line {first[1]}")
+        pairs.append(pair)
     if not pairs:
         raise ValueError(f"pairs file {path} lists no pairs")
     return pairs
@@ -100,6 +122,10 @@ class PairDataset(Dataset):
         pairs_file = Path(pairs_file)
         self.pairs_file = pairs_file if pairs_file.is_absolute() else self.data_path / pairs_file
         self.pairs = read_pairs(self.pairs_file)
+        for name in (im_filename, mask_filename, seg_filename):
+            problem = name is not None and relative_path_problem(name)
+            if problem:
+                raise ValueError(f"file name {name!r} {problem}")
         self.im_filename, self.mask_filename, self.seg_filename = im_filename, mask_filename, seg_filename
         self.subjects = self._index_subjects()
         self._warn_on_affine_mismatch()
@@ -164,6 +190,11 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def pair_ids(self) -> list[str]:
+        """The pair ID of every pair, in order."""
+        return [pair_id(fixed, moving) for fixed, moving in self.pairs]
+
     def load_subject(self, subject: str) -> dict[str, torch.Tensor]:
         """{im, mask[, seg]} of one subject on the working grid, each (1, *dims); cached (least recently used)."""
         if subject in self._cache:
@@ -213,7 +244,7 @@ class PairDataset(Dataset):
             "moving": {key: value.clone() for key, value in self.load_subject(moving).items()},
             "fixed_id": fixed,
             "moving_id": moving,
-            "pair_id": f"{fixed}_{moving}",
+            "pair_id": pair_id(fixed, moving),
             "index": index,
             "affine": torch.from_numpy(self.working_affine(fixed)),
             "input_affine": torch.from_numpy(files.input_affine.copy()),

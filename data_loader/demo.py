@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from utils.flow import integrate_velocity, warp
-from utils.io import PathLike, atomic_write_text, save_nifti
+from utils.io import TMP_PREFIX, PathLike, atomic_write_text, save_nifti
 
 VOXEL_SIZE_MM = 2.0
 # shapes in normalised coordinates [-1, 1] of the field of view; axis 0 left -> right, 1 posterior -> anterior,
@@ -148,13 +150,38 @@ def make_demo_dataset(path: PathLike, no_subjects: int = 8, size: int = 32, seed
     return path
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_builds(path: Path) -> None:
+    """Remove the temporary build folders of ``path`` that killed processes left behind (live builders' are kept)."""
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(?P<pid>\d+)-[0-9a-f]{{32}}-{re.escape(path.name)}")
+    for tmp in path.parent.glob(f"{TMP_PREFIX}*-{path.name}"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _process_alive(int(match["pid"])):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_demo_dataset(path: PathLike, **params) -> Path:
-    """Create the demo dataset at ``path`` unless it exists; built in a temporary sibling, then renamed into place."""
+    """Create the demo dataset at ``path`` unless it exists; built in a temporary sibling, then renamed into place.
+
+    The sibling's name holds the builder's process ID, so the next build removes those of killed processes.
+    """
     path = Path(path)
+    if path.parent.is_dir():
+        remove_stale_builds(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-{path.name}"
     try:
         make_demo_dataset(tmp, **params)
         try:

@@ -1,6 +1,7 @@
 """utils.io: atomic writes leave no half files; NIfTI round trips keep values and geometry; bad files fail clearly."""
 from __future__ import annotations
 
+import errno
 import gzip
 
 import nibabel as nib
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.io import (atomic_torch_save, atomic_write, atomic_write_text, load_nifti, read_nifti_header,
-                      save_nifti)
+from utils.io import (atomic_torch_save, atomic_write, atomic_write_text, load_nifti, name_problem, read_nifti_header,
+                      relative_path_problem, save_nifti)
 
 
 def oblique_affine() -> np.ndarray:
@@ -25,6 +26,21 @@ def oblique_affine() -> np.ndarray:
 def write_raw(path, array, affine=None) -> None:
     """Write a NIfTI with nibabel directly (an independent writer for load tests)."""
     nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+
+
+# ---------------------------------------------------------------- names and paths
+@pytest.mark.parametrize("name, ok", [("sub-01", True), ("my run", True), ("a..b", True), ("", False), ("  ", False),
+                                      ("..", False), (".", False), (".tmp-x", False), ("a/b", False),
+                                      ("../x", False), ("a\\b", False), ("a\0b", False)])
+def test_name_problem(name, ok):
+    assert (name_problem(name) is None) is ok
+
+
+@pytest.mark.parametrize("path, ok", [("im.nii.gz", True), ("anat/im.nii.gz", True), ("a..b.nii", True),
+                                      ("../im.nii.gz", False), ("anat/../../im.nii.gz", False), ("/etc/x", False),
+                                      ("C:/x", False), ("..\\x", False), ("", False)])
+def test_relative_path_problem(path, ok):
+    assert (relative_path_problem(path) is None) is ok
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -57,6 +73,17 @@ def test_atomic_write_text_and_torch_save(tmp_path):
     atomic_torch_save(state, tmp_path / "ckpt.pth")
     loaded = torch.load(tmp_path / "ckpt.pth", weights_only=True)
     assert loaded["epoch"] == 3 and torch.equal(loaded["weights"], state["weights"])
+
+
+def test_a_full_disk_names_the_target_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as error:
+        atomic_torch_save({"x": torch.zeros(2)}, tmp_path / "out" / "state.pt")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "out" / "state.pt")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_atomic_torch_save_keeps_old_checkpoint_on_failure(tmp_path):

@@ -1,5 +1,8 @@
-"""What every training run shares: the pair loader, the epoch loop with tqdm and TensorBoard scalars, seeded
-batches, an atomic checkpoint per epoch on rank 0, and exact resuming from it.
+"""What every training run shares: the pair loader, the epoch loop with tqdm and TensorBoard scalars, the
+registration monitor, seeded batches, an atomic checkpoint per epoch on rank 0, and exact resuming from it.
+
+Building a trainer checks everything and writes nothing, so a run that cannot start leaves no folder behind;
+``train`` writes (the log, TensorBoard, checkpoints).
 
 A subclass (the learnt-metric ``Trainer``, the VoxelMorph ``VxmTrainer``) says what one batch does, which state
 its checkpoint holds, and what it logs at the end of an epoch.
@@ -14,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from trainer.build import batch_seed, build_dataset, build_loader
+from trainer.build import batch_seed, build_dataset, build_labels, build_loader
 from trainer.checkpoint import from_a_run, save_run_checkpoint
+from trainer.monitor import TrainingMonitor
 from trainer.run_folder import get_logger
 from utils.config import RunConfig
 from utils.distributed import Context, barrier
@@ -37,11 +41,11 @@ class BaseTrainer:
 
     def __init__(self, config: RunConfig, folder: Path, context: Context):
         self.config, self.folder, self.context = config, Path(folder), context
-        self.logger = get_logger(self.folder, context, "train")
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=True)
         self.start_epoch, self.step = 1, 0
-        self.writer = SummaryWriter(str(self.folder / "log")) if context.is_main else None
+        self.notes: list[str] = []  # what building found (resuming, pretrained weights), logged when training starts
+        self.logger = self.writer = self.monitor = None  # made by train(): building writes nothing
 
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         """One optimisation step on a batch (already seeded); returns the rank-averaged scalars to log."""
@@ -64,7 +68,7 @@ class BaseTrainer:
         self.load_state(checkpoint)
         if from_a_run(checkpoint):
             self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
-            self.logger.info("resuming after epoch %d (step %d)", checkpoint["epoch"], self.step)
+            self.notes.append(f"resuming after epoch {checkpoint['epoch']} (step {self.step})")
 
     def seed_batch(self, epoch: int, index: int) -> None:
         """Seed the batch's random numbers from (seed, epoch, batch, rank): a resumed run draws the same ones."""
@@ -72,6 +76,11 @@ class BaseTrainer:
 
     def train(self) -> Path | None:
         """Run the remaining epochs; returns the path of the last checkpoint (None when nothing was left to do)."""
+        self.logger = get_logger(self.folder, self.context, "train")
+        self.writer = SummaryWriter(str(self.folder / "log")) if self.context.is_main else None
+        self.monitor = TrainingMonitor(self.writer, self.config, self.context, build_labels(self.config))
+        for note in self.notes:
+            self.logger.info(note)
         last = None
         for epoch in range(self.start_epoch, self.config.trainer.no_epochs + 1):
             self.loader.sampler.set_epoch(epoch)

@@ -11,13 +11,20 @@ import torch
 
 from model.similarity import SimilarityMetric
 from model.voxelmorph import VxmDense, load_authors_voxelmorph
-from utils.io import atomic_torch_save
+from utils.config import (RESUMABLE_KEYS, ConfigError, RunConfig, apply_overrides, changed_keys, load_config,
+                          parse_config)
+from utils.io import atomic_torch_save, first_line
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
 VXM_CHECKPOINT_KIND = "learnsim/voxelmorph"
 FORMAT_VERSION = 1
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # the authors ship each VoxelMorph network as a tarball
 VXM_HINT = "a VoxelMorph network registers with a VoxelMorph test config (model.type VxmDense)"
+# keys (and their types) in every checkpoint of a kind, and in those of a training run, which can be resumed
+REQUIRED = {CHECKPOINT_KIND: {"epoch": int, "step": int, "similarity": dict, "model": dict, "q_f": dict},
+            VXM_CHECKPOINT_KIND: {"epoch": int, "step": int, "voxelmorph": dict, "model_state": dict}}
+REQUIRED_TO_RESUME = {CHECKPOINT_KIND: {"optimizer_q_phi": dict, "optimizer_q_f": dict, "config": dict},
+                      VXM_CHECKPOINT_KIND: {"optimizer": dict, "config": dict}}
 
 
 class CheckpointError(ValueError):
@@ -86,7 +93,10 @@ def is_voxelmorph(checkpoint: dict) -> bool:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a learnt-metric checkpoint of this project; clear errors for anything else."""
+    """Read and check a learnt-metric checkpoint of this project; clear errors for anything else.
+
+    The returned dict also holds ``source``, the path it was read from, for messages.
+    """
     checkpoint = read_checkpoint(path, map_location)
     if checkpoint.get("kind") != CHECKPOINT_KIND:
         if is_voxelmorph(checkpoint):
@@ -94,8 +104,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                   f"{VXM_HINT}")
         raise CheckpointError(f"{path}: not a learnsim similarity-metric checkpoint (kind "
                               f"{checkpoint.get('kind')!r}, keys {sorted(map(str, checkpoint))[:8]})")
+    return _checked(checkpoint, path)
+
+
+def _checked(checkpoint: dict, path: str | Path) -> dict:
+    """A checkpoint of this project with its format version and the keys of its kind checked, and its ``source``."""
     check_format_version(checkpoint, path)
-    return checkpoint
+    _check_keys(checkpoint, REQUIRED[checkpoint["kind"]], path)
+    return {**checkpoint, "source": str(path)}
 
 
 def check_format_version(checkpoint: dict, path: str | Path) -> None:
@@ -103,6 +119,58 @@ def check_format_version(checkpoint: dict, path: str | Path) -> None:
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {checkpoint.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
+
+
+def _check_keys(checkpoint: dict, required: dict[str, type], source: str | Path) -> None:
+    """Fail unless ``checkpoint`` holds every key of ``required`` with a value of its type."""
+    for key, kind in required.items():
+        if key not in checkpoint:
+            raise CheckpointError(f"{source}: checkpoint has no {key!r} (incomplete or damaged)")
+        if not isinstance(checkpoint[key], kind) or (kind is int and isinstance(checkpoint[key], bool)):
+            raise CheckpointError(f"{source}: checkpoint {key!r} is a {type(checkpoint[key]).__name__}, expected "
+                                  f"{kind.__name__}")
+
+
+def load_state(target: torch.nn.Module | torch.optim.Optimizer, checkpoint: dict, key: str) -> None:
+    """``target.load_state_dict(checkpoint[key])``, failing with the checkpoint and key named."""
+    try:
+        target.load_state_dict(checkpoint[key])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{checkpoint['source']}: {key} does not fit the configured run "
+                              f"({first_line(error)})") from None
+
+
+def check_kind(checkpoint: dict, config: RunConfig) -> None:
+    """Fail, naming both files, unless the checkpoint holds what the config trains (a metric or a VoxelMorph net)."""
+    holds_vxm = checkpoint["kind"] == VXM_CHECKPOINT_KIND
+    if holds_vxm != (config.method == "voxelmorph"):
+        what = "a VoxelMorph network" if holds_vxm else "a learnt metric"
+        raise CheckpointError(f"{checkpoint['source']}: the checkpoint holds {what}, but {config.source} is a "
+                              f"{config.kind}")
+
+
+def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str]) -> RunConfig:
+    """The config of a resumed run: the checkpoint's, or ``config_file``'s, with ``overrides`` applied.
+
+    Either must agree with the checkpoint's config on every key but RESUMABLE_KEYS, and leave epochs to run.
+    """
+    source = checkpoint["source"]
+    _check_keys(checkpoint, REQUIRED_TO_RESUME[checkpoint["kind"]], source)
+    stored = parse_config(checkpoint["config"], Path(source).parent, f"{source} (config)", mode="train")
+    if config_file:
+        config = load_config(config_file, overrides, mode="train")
+    else:
+        config = parse_config(apply_overrides(checkpoint["config"], overrides), Path(source).parent,
+                              f"{source} (config)", mode="train")
+    check_kind(checkpoint, config)
+    changed = [key for key in changed_keys(stored.to_dict(), config.to_dict()) if key not in RESUMABLE_KEYS]
+    if changed:
+        raise ConfigError(f"{config_file or '--set'}: {', '.join(changed)} differ from the config of the run in "
+                          f"{source}; a resumed run continues that run, so only {', '.join(RESUMABLE_KEYS)} may change")
+    if checkpoint["epoch"] >= config.trainer.no_epochs:
+        raise ConfigError(f"{source}: the run has finished all its {config.trainer.no_epochs} epochs, nothing to "
+                          f"resume; to train longer, add --set trainer.no_epochs=N with N > {checkpoint['epoch']}")
+    return config
 
 
 def _unreadable(path: Path, error: Exception) -> str:
@@ -115,8 +183,9 @@ def _unreadable(path: Path, error: Exception) -> str:
         return (f"it pickles {refused[1]}, which weights_only=True refuses; an authors' learnt-metric file imports "
                 f"with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / LCC_learnt)")
     if isinstance(error, pickle.UnpicklingError):
-        return "not a PyTorch checkpoint"
-    return str(error).splitlines()[0]
+        return ("refused, it holds pickled Python objects besides tensors and plain containers (checkpoints are "
+                "loaded with weights_only=True)")
+    return first_line(error)
 
 
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:
@@ -165,8 +234,8 @@ def load_voxelmorph(path: str | Path, map_location: str | torch.device = "cpu") 
         return load_authors_voxelmorph(path, map_location), None
     checkpoint = read_checkpoint(path, map_location)
     if checkpoint.get("kind") == VXM_CHECKPOINT_KIND:
-        check_format_version(checkpoint, path)
-        model = VxmDense.from_config(checkpoint.get("voxelmorph"), str(path))
+        checkpoint = _checked(checkpoint, path)
+        model = VxmDense.from_config(checkpoint["voxelmorph"], str(path))
     elif is_voxelmorph(checkpoint):
         model = VxmDense.from_config(checkpoint["config"], str(path))
     elif checkpoint.get("kind") == CHECKPOINT_KIND:
@@ -188,8 +257,7 @@ def load_training_checkpoint(path: str | Path, map_location: str | torch.device 
     """A checkpoint that train.py can resume: a learnt metric's or a VoxelMorph network's, of this project."""
     checkpoint = read_checkpoint(path, map_location)
     if checkpoint.get("kind") in (CHECKPOINT_KIND, VXM_CHECKPOINT_KIND):
-        check_format_version(checkpoint, path)
-        return checkpoint
+        return _checked(checkpoint, path)
     if is_voxelmorph(checkpoint):
         raise CheckpointError(f"{path}: this is the authors' VoxelMorph network, which has no training state to "
                               f"resume; register with it (test.py -r) or train a new network (train.py -c)")

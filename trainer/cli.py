@@ -2,25 +2,47 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import traceback
 from typing import Callable
 
 from trainer.checkpoint import CheckpointError
+from trainer.q_v_store import QVStateError
 from utils.config import ConfigError
+
+# errors that bad input, a bad file or a full disk cause: reported in one line (the traceback with --debug)
+USER_ERRORS = (ConfigError, CheckpointError, QVStateError, OSError, ValueError)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --set overrides, and the legacy launcher's --local_rank / --local-rank."""
+    """--device, --set overrides, --debug, and the legacy launcher's --local_rank / --local-rank."""
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config key, value parsed as JSON, e.g. --set trainer.no_epochs=2 "
                              "(repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def run(main: Callable[[], object]) -> None:
-    """Run an entry point; bad input ends it with a one-line message instead of a traceback."""
+def error_message(error: BaseException) -> str:
+    """One line saying what went wrong and where (the file or config key the error names)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error)).lower()
+        where = error.filename or ""
+        return f"{reason}: {where}" if where else reason
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run an entry point; bad input ends it with a one-line message (exit status 1) instead of a traceback."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        main(argv)
+    except USER_ERRORS as error:
+        if "--debug" in argv:
+            traceback.print_exc()
+        sys.exit(f"error: {error_message(error)}")

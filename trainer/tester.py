@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ class BaseTester:
     """Registers every pair of the config's pairs file and writes the results into ``folder``.
 
     A subclass implements ``register_batch``; ``no_samples`` is the number of sampled transformations per pair.
+    Building a tester checks the data and the checkpoint and writes nothing; ``test`` writes.
     """
 
     no_samples = 0
@@ -81,10 +83,11 @@ class BaseTester:
 
     def __init__(self, config: RunConfig, folder: Path, context: Context):
         self.config, self.folder, self.context = config, Path(folder), context
-        self.logger = get_logger(self.folder, context, "test")
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=False)
         self.labels = build_labels(config)
+        self.notes: list[tuple[int, str]] = []  # (logging level, message) found by building, logged by test()
+        self.logger = None  # made by test(): building writes nothing
 
     def register_batch(self, batch: dict, index: int) -> tuple[torch.Tensor, Iterable[torch.Tensor] | None]:
         """The method's displacement (B, 3, *dims), voxel units, and an iterable of sampled ones (or None)."""
@@ -188,6 +191,9 @@ class BaseTester:
 
     def test(self) -> list[dict]:
         """Register all pairs; rank 0 gathers, writes metrics.csv, summary.json and summary.png and prints a table."""
+        self.logger = get_logger(self.folder, self.context, "test")
+        for level, message in self.notes:
+            self.logger.log(level, message)
         rows, uncertainty, seconds, registered = [], {}, 0.0, 0
         for index, batch in enumerate(tqdm(self.loader, desc="pairs", disable=not self.context.is_main)):
             start = time.perf_counter()
@@ -257,17 +263,18 @@ class Tester(BaseTester):
     def __init__(self, config: QVTestConfig, folder: Path, context: Context, checkpoint: dict | None = None):
         super().__init__(config, folder, context)
         if checkpoint is not None and "similarity_config" in checkpoint:  # the checkpoint's metric, not the config's
-            self.similarity = similarity_from_checkpoint(checkpoint, "checkpoint", config.trainer.channels_last)
-            self.logger.info("metric of the checkpoint: %s", self.similarity.config())
+            self.similarity = similarity_from_checkpoint(checkpoint, checkpoint["source"],
+                                                         config.trainer.channels_last)
+            self.notes.append((logging.INFO, f"metric of the checkpoint: {self.similarity.config()}"))
         else:
             self.similarity = build_similarity(config, learnable=checkpoint is not None)
             if checkpoint is not None:
-                load_similarity(self.similarity, checkpoint, "checkpoint")
+                load_similarity(self.similarity, checkpoint, checkpoint["source"])
         self.energy = build_energy(config, self.similarity).to(context.device)
         self.no_samples = config.trainer.no_samples_test
         if self.no_samples < 2:
-            self.logger.warning("no_samples_test = %d: the displacement std (uncertainty) needs at least 2 samples "
-                                "and is left out", self.no_samples)
+            self.notes.append((logging.WARNING, f"no_samples_test = {self.no_samples}: the displacement std "
+                                                f"(uncertainty) needs at least 2 samples and is left out"))
 
     def register(self, batch: dict, index: int) -> QV:
         """q_v of a batch of pairs, inferred from the initial q_v."""

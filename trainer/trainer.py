@@ -8,9 +8,8 @@ import torch
 from model.energy import ContrastiveLoss
 from model.variational import QF
 from trainer.base import BaseTrainer, distributed
-from trainer.build import build_energy, build_labels, build_similarity, to_device
-from trainer.checkpoint import CHECKPOINT_KIND, load_similarity, metric_state
-from trainer.monitor import TrainingMonitor
+from trainer.build import build_energy, build_similarity, to_device
+from trainer.checkpoint import CHECKPOINT_KIND, load_similarity, load_state, metric_state
 from trainer.q_v_inference import denormals_flushed, infer_q_v
 from trainer.q_v_store import QVStore
 from utils.config import ConfigError, QVTrainConfig
@@ -18,12 +17,17 @@ from utils.distributed import Context, all_reduce_mean
 
 
 class Trainer(BaseTrainer):
-    """One run learning a metric in ``folder``; resumes from ``checkpoint`` (a dict from load_checkpoint) when given."""
+    """One run learning a metric in ``folder``; resumes from ``checkpoint`` (a dict from load_checkpoint) when given.
+
+    ``reset_q_v`` starts every pair's q_v afresh in the first epoch of a resumed run instead of from its saved
+    state.
+    """
 
     checkpoint_kind = CHECKPOINT_KIND
     progress_keys = ("q_v/loss", "theta/loss")
 
-    def __init__(self, config: QVTrainConfig, folder: Path, context: Context, checkpoint: dict | None = None):
+    def __init__(self, config: QVTrainConfig, folder: Path, context: Context, checkpoint: dict | None = None,
+                 reset_q_v: bool = False):
         if not isinstance(config, QVTrainConfig):
             raise ConfigError(f"{config.source}: not a q_v training config ({type(config).__name__})")
         super().__init__(config, folder, context)
@@ -42,30 +46,37 @@ class Trainer(BaseTrainer):
         self.optimizer_q_f = torch.optim.Adam(self.q_f.parameters(), lr=config.optimizer_q_f.args.lr)
         if checkpoint is not None:
             self.resume(checkpoint)
-        self.step_module = distributed(self.contrastive, context)
         self.store = QVStore(self.folder / "q_v")
-        self.monitor = TrainingMonitor(self.writer, config, context, build_labels(config))  # Dice, images, histograms
+        self.fresh_q_v_epoch = self.start_epoch if reset_q_v else 1
+        if self.start_epoch > self.fresh_q_v_epoch:
+            self.store.check(self.dataset.pair_ids, self.start_epoch, self.energy.transformation.velocity_shape)
+        elif self.start_epoch > 1:
+            self.notes.append("q_v reset")
+        self.step_module = distributed(self.contrastive, context)
 
     def state(self) -> dict:
         return metric_state(self.similarity, self.q_f, self.optimizer_theta, self.optimizer_q_f)
 
     def load_state(self, checkpoint: dict) -> None:
-        load_similarity(self.similarity, checkpoint, "checkpoint")
+        load_similarity(self.similarity, checkpoint, checkpoint["source"])
         if checkpoint["optimizer_q_phi"] is None:  # a pretrained model: a new run starts from its weights
             same_grid = checkpoint["q_f"]["u"].shape == self.q_f.u.shape
             if same_grid:
-                self.q_f.load_state_dict(checkpoint["q_f"])
-            self.logger.info("starting from pretrained theta%s", " and q_f" if same_grid else " (q_f: other grid)")
+                load_state(self.q_f, checkpoint, "q_f")
+            self.notes.append(f"starting from pretrained theta{' and q_f' if same_grid else ' (q_f: other grid)'}")
             return
-        self.q_f.load_state_dict(checkpoint["q_f"])
-        self.optimizer_theta.load_state_dict(checkpoint["optimizer_q_phi"])
-        self.optimizer_q_f.load_state_dict(checkpoint["optimizer_q_f"])
+        load_state(self.q_f, checkpoint, "q_f")
+        load_state(self.optimizer_theta, checkpoint, "optimizer_q_phi")
+        load_state(self.optimizer_q_f, checkpoint, "optimizer_q_f")
 
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         """q_v inference for the batch, save q_v, then one theta/q_f step; returns rank-averaged losses."""
         fixed, moving = to_device(batch["fixed"], self.context.device), to_device(batch["moving"], self.context.device)
         shape = self.energy.transformation.velocity_shape
-        states = [self.store.load(pid, epoch, shape) for pid in batch["pair_id"]]
+        # each pair's state saved in the previous epoch, or the initial q_v in the first epoch (of the run, or of a
+        # resumed run with --reset-q-v)
+        fresh = epoch <= self.fresh_q_v_epoch
+        states = [None if fresh else self.store.load(pid, epoch, shape) for pid in batch["pair_id"]]
         q_v, terms = infer_q_v(self.energy, fixed["im"], moving["im"], fixed["mask"], self.config, states,
                                progress=self.context.is_main)
         for i, pid in enumerate(batch["pair_id"]):

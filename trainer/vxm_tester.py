@@ -2,6 +2,7 @@
 (without samples or uncertainty)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ class VxmTester(BaseTester):
         check_input_shape(model, config, source)
         super().__init__(config, folder, context)
         self.model = model.to(context.device).eval()
-        self.logger.info("VoxelMorph network from %s: %s", source, model.config())
+        self.notes.append((logging.INFO, f"VoxelMorph network from {source}: {model.config()}"))
 
     @torch.no_grad()
     def register_batch(self, batch: dict, index: int) -> tuple[torch.Tensor, None]:

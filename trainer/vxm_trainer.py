@@ -11,10 +11,9 @@ from model.similarity import SimilarityMetric
 from model.voxelmorph import VxmDense
 from model.voxelmorph_loss import VxmLoss
 from trainer.base import BaseTrainer, distributed
-from trainer.build import build_labels, to_device
-from trainer.checkpoint import (VXM_CHECKPOINT_KIND, CheckpointError, load_checkpoint, similarity_from_checkpoint,
-                                vxm_state)
-from trainer.monitor import TrainingMonitor
+from trainer.build import to_device
+from trainer.checkpoint import (VXM_CHECKPOINT_KIND, CheckpointError, load_checkpoint, load_state,
+                                similarity_from_checkpoint, vxm_state)
 from trainer.pretrained import resolve_checkpoint
 from utils.config import ConfigError, VxmTrainConfig
 from utils.distributed import Context, all_reduce_mean
@@ -59,17 +58,17 @@ class VxmTrainer(BaseTrainer):
         if checkpoint is not None:
             self.resume(checkpoint)
         self.step_module = distributed(self.model, context)
-        self.monitor = TrainingMonitor(self.writer, config, context, build_labels(config))
 
     def state(self) -> dict:
         return vxm_state(self.model, self.optimizer)
 
     def load_state(self, checkpoint: dict) -> None:
-        if checkpoint.get("voxelmorph") != self.model.config():
-            raise CheckpointError(f"checkpoint: its network {checkpoint.get('voxelmorph')} is not the config's "
+        source = checkpoint["source"]
+        if checkpoint["voxelmorph"] != self.model.config():
+            raise CheckpointError(f"{source}: its network {checkpoint['voxelmorph']} is not the config's "
                                   f"{self.model.config()}")
-        self.model.load_weights(checkpoint["model_state"], "checkpoint")
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.model.load_weights(checkpoint["model_state"], source)
+        load_state(self.optimizer, checkpoint, "optimizer")
 
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         """One Adam step on the loss of a batch; returns the rank-averaged terms."""

@@ -5,8 +5,9 @@ There is one schema per kind of run, built from shared sections: q_v training (`
 is read from the file: ``model.type`` names the method (``VxmDense`` or a ``CNN_*`` metric), and the entry point
 (train.py or test.py) the mode.
 
-Every problem (unknown key, missing key, wrong type or value, missing path) raises ``ConfigError`` naming
-the file and the key path. Relative paths resolve against the config file's folder (``data_path``,
+Every problem (unknown key, missing key, wrong type, a value out of range, a missing path) raises ``ConfigError``
+naming the file and the key path. Ranges are declared with the key (``checked(gt=0)``), so a new section gets
+them by declaring its fields. Relative paths resolve against the config file's folder (``data_path``,
 ``save_dir``, a metric checkpoint) or against ``data_path`` (``im_pairs``, ``labels``).
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
+from utils.io import name_problem, relative_path_problem
+
 
 PRETRAINED_PREFIX = "pretrained:"  # a checkpoint named by the pretrained-model manifest instead of a path
 
@@ -28,13 +31,48 @@ class ConfigError(ValueError):
     """A config that cannot be used, with the file and key path in the message."""
 
 
+def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, key: str | None = None,
+            gt: float | None = None, ge: float | None = None, length: int | None = None, min_length: int | None = None,
+            name: bool = False, inside: bool = False) -> Any:
+    """A config key with the checks of its value, applied at load time with the key path in the message.
+
+    ``gt`` / ``ge``: lower bounds of a number, or of every item of a list; ``length`` / ``min_length``: of a list;
+    ``name``: one path component (no separator, not empty, no leading '.'); ``inside``: a relative path that
+    stays inside its folder; ``key``: the JSON name when it is not an identifier.
+    """
+    rules = {"gt": gt, "ge": ge, "length": length, "min_length": min_length, "name": name, "inside": inside}
+    metadata = {k: v for k, v in rules.items() if v is not None and v is not False}
+    if key is not None:
+        metadata["key"] = key
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
 def _key(f: dataclasses.Field) -> str:
     return f.metadata.get("key", f.name)
 
 
+def _check_value(value: Any, rules: typing.Mapping, where: str) -> None:
+    """Apply the rules of ``checked`` to a parsed value (None, an absent optional key, passes)."""
+    if value is None:
+        return
+    if "length" in rules and len(value) != rules["length"]:
+        raise ConfigError(f"{where}: expected {rules['length']} values, got {value}")
+    if "min_length" in rules and len(value) < rules["min_length"]:
+        raise ConfigError(f"{where}: expected at least {rules['min_length']} value(s), got {value}")
+    for item in value if isinstance(value, list) else [value]:
+        if "gt" in rules and not item > rules["gt"]:
+            raise ConfigError(f"{where}: must be > {rules['gt']}, got {value!r}")
+        if "ge" in rules and not item >= rules["ge"]:
+            raise ConfigError(f"{where}: must be >= {rules['ge']}, got {value!r}")
+    problem = ((rules.get("name") and name_problem(value))
+               or (rules.get("inside") and relative_path_problem(value)))
+    if problem:
+        raise ConfigError(f"{where}: {value!r} {problem}")
+
+
 @dataclass
 class Section:
-    """A block of the config; subclasses declare keys as fields (metadata 'key' for JSON names that aren't identifiers)."""
+    """A block of the config; subclasses declare keys as fields, with ``checked(...)`` for their value checks."""
 
     def check(self, where: str) -> None:
         """Cross-field validation of this block; raise ConfigError mentioning ``where``."""
@@ -53,9 +91,9 @@ class Activation(Section):
 @dataclass
 class ModelArgs(Section):
     learnable: bool
-    no_features: list[int] = field(default_factory=lambda: [4, 8, 8])
+    no_features: list[int] = checked(factory=lambda: [4, 8, 8], min_length=1, ge=1)
     activation: Activation = field(default_factory=Activation)
-    s: int = 1
+    s: int = checked(1, ge=1)  # LCC window (2s+1)^3
 
 
 @dataclass
@@ -66,8 +104,8 @@ class Model(Section):
 
 @dataclass
 class QFArgs(Section):
-    sigma_init: float = 0.1
-    u_init: float = 0.1
+    sigma_init: float = checked(0.1, gt=0)
+    u_init: float = checked(0.1, gt=0)
     loc_learnable: Literal[False] = False
     cov_learnable: Literal[True] = True
 
@@ -92,7 +130,7 @@ class DataLoss(Section):
 
 @dataclass
 class RegLossArgs(Section):
-    w_reg: float
+    w_reg: float = checked(ge=0)
     diff_op: Literal["GradientOperator"] = "GradientOperator"
 
 
@@ -104,8 +142,8 @@ class RegLoss(Section):
 
 @dataclass
 class TransformationArgs(Section):
-    no_steps: int = 12
-    cps: Optional[list[int]] = None
+    no_steps: int = checked(12, ge=1)
+    cps: Optional[list[int]] = checked(None, length=3, ge=1)
 
 
 @dataclass
@@ -114,16 +152,15 @@ class Transformation(Section):
     args: TransformationArgs = field(default_factory=TransformationArgs)
 
     def check(self, where: str) -> None:
-        cps = self.args.cps
-        if self.type == "SVFFD_3D" and (cps is None or len(cps) != 3 or min(cps) < 1):
+        if self.type == "SVFFD_3D" and self.args.cps is None:
             raise ConfigError(f"{where}.args.cps: SVFFD_3D needs three positive control-point spacings")
-        if self.type == "SVF_3D" and cps is not None:
+        if self.type == "SVF_3D" and self.args.cps is not None:
             raise ConfigError(f"{where}.args.cps: only SVFFD_3D takes control-point spacings")
 
 
 @dataclass
 class OptimizerArgs(Section):
-    lr: float
+    lr: float = checked(gt=0)
 
 
 @dataclass
@@ -134,8 +171,8 @@ class Optimizer(Section):
 
 @dataclass
 class Demo(Section):
-    no_subjects: int = 8
-    size: int = 32
+    no_subjects: int = checked(8, ge=2)
+    size: int = checked(32, ge=8)
     seed: int = 0
 
 
@@ -145,21 +182,17 @@ class DataLoaderArgs(Section):
 
     data_path: Path
     im_pairs: str
-    dims: list[int]
-    batch_size: int
-    no_workers: int = 0
+    dims: list[int] = checked(length=3, ge=2)
+    batch_size: int = checked(ge=1)
+    no_workers: int = checked(0, ge=0)
     test: bool = False
-    im_filename: str = "im.nii.gz"
-    mask_filename: Optional[str] = "mask.nii.gz"
-    seg_filename: Optional[str] = "seg.nii.gz"
+    im_filename: str = checked("im.nii.gz", inside=True)  # inside each subject's folder
+    mask_filename: Optional[str] = checked("mask.nii.gz", inside=True)
+    seg_filename: Optional[str] = checked("seg.nii.gz", inside=True)
     labels: Optional[str] = None
     demo: Optional[Demo] = None
 
     def check(self, where: str) -> None:
-        if len(self.dims) != 3 or min(self.dims) < 2:
-            raise ConfigError(f"{where}.dims: expected three sizes >= 2, got {self.dims}")
-        if self.batch_size < 1 or self.no_workers < 0:
-            raise ConfigError(f"{where}: batch_size must be >= 1 and no_workers >= 0")
         if self.demo is None and not self.data_path.is_dir():
             raise ConfigError(f"{where}.data_path: folder {self.data_path} does not exist")
 
@@ -168,8 +201,8 @@ class DataLoaderArgs(Section):
 class QVDataLoaderArgs(DataLoaderArgs):
     """The reference keeps the initial q_v in the data loader's block."""
 
-    sigma_v_init: float = 0.5
-    u_v_init: float = 0.1
+    sigma_v_init: float = checked(0.5, gt=0)
+    u_v_init: float = checked(0.1, gt=0)
 
 
 @dataclass
@@ -186,14 +219,14 @@ class QVDataLoader(DataLoader):
 @dataclass
 class Sobolev(Section):
     enabled: bool
-    s: int = 3
-    lambda_: float = field(default=0.5, metadata={"key": "lambda"})
+    s: int = checked(3, ge=0)
+    lambda_: float = checked(0.5, gt=0, key="lambda")
 
 
 @dataclass
 class UniformNoise(Section):
     enabled: bool
-    magnitude: float = 0.1
+    magnitude: float = checked(0.1, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -201,28 +234,20 @@ class TrainerArgs(Section):
     """Run-folder, epoch and output keys shared by every kind of run."""
 
     save_dir: Path
-    no_epochs: int = 1
-    log_period: int = 64
+    no_epochs: int = checked(1, ge=1)
+    log_period: int = checked(64, ge=1)
     save_outputs: bool = True  # test: per-pair NIfTI images and fields on the input grid (docs/outputs.md)
     save_figures: bool = True  # test: per-pair PNG panel and per-structure box plots; train: TensorBoard images
-
-    def check(self, where: str) -> None:
-        if min(self.no_epochs, self.log_period) < 1:
-            raise ConfigError(f"{where}: no_epochs and log_period must be >= 1")
 
 
 @dataclass(kw_only=True)
 class QVTrainerArgs(TrainerArgs):
     """Keys of q_v inference: iterations, uniform noise on the transformation, test-time samples."""
 
-    no_iters_q_v: int
+    no_iters_q_v: int = checked(ge=1)
     uniform_noise: UniformNoise
-    no_samples_test: int = 5
+    no_samples_test: int = checked(5, ge=1)
     channels_last: bool = False  # learnt metric's convolutions on NDHWC tensors: faster on CPU (benchmarks/README.md)
-
-    def check(self, where: str) -> None:
-        if min(self.no_iters_q_v, self.no_epochs, self.no_samples_test, self.log_period) < 1:
-            raise ConfigError(f"{where}: no_iters_q_v, no_epochs, no_samples_test and log_period must be >= 1")
 
 
 def required() -> Any:
@@ -234,7 +259,7 @@ def required() -> Any:
 class RunConfig(Section):
     """What every kind of run has: a name, a seed, the data and the run folder."""
 
-    name: str
+    name: str = checked(name=True)  # a folder of save_dir
     data_loader: DataLoader
     trainer: TrainerArgs
     seed: int = 0
@@ -280,6 +305,15 @@ class QVTestConfig(RunConfig):
         if self.model.type != f"CNN_{self.data_loss.type}":
             raise ConfigError(f"{where}model.type: {self.model.type} does not match data_loss.type "
                               f"{self.data_loss.type}")
+        dims = self.data_loader.args.dims
+        window = 2 * self.model.args.s + 1
+        if self.data_loss.type == "LCC" and window > min(dims):
+            raise ConfigError(f"{where}model.args.s: the LCC window of {window} voxels does not fit "
+                              f"data_loader.args.dims {dims}")
+        cps = self.transformation_module.args.cps
+        if cps is not None and any(c >= n for c, n in zip(cps, dims)):
+            raise ConfigError(f"{where}transformation_module.args.cps: control-point spacing {cps} must be "
+                              f"smaller than data_loader.args.dims {dims}")
 
 
 @dataclass(kw_only=True)
@@ -302,15 +336,16 @@ class QVTrainConfig(QVTestConfig):
 class VxmModelArgs(Section):
     """VxmDense as in the authors' checkpoints (voxelmorph 0.1): U-Net features, integration steps, flow downsizing."""
 
-    nb_unet_features: list[list[int]] = field(
-        default_factory=lambda: [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]])
-    int_steps: int = 12
-    int_downsize: int = 2
+    nb_unet_features: list[list[int]] = checked(
+        factory=lambda: [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]], length=2)  # [encoder, decoder]
+    int_steps: int = checked(12, ge=0)
+    int_downsize: int = checked(2, ge=1)
 
     def check(self, where: str) -> None:
-        if len(self.nb_unet_features) != 2 or self.int_steps < 0 or self.int_downsize < 1:
-            raise ConfigError(f"{where}: expected nb_unet_features [encoder, decoder], int_steps >= 0 and "
-                              f"int_downsize >= 1")
+        encoder, decoder = self.nb_unet_features
+        if not encoder or len(decoder) < len(encoder) or min(encoder + decoder) < 1:
+            raise ConfigError(f"{where}.nb_unet_features: expected [encoder, decoder] feature counts >= 1, with at "
+                              f"least as many decoder as encoder layers, got {self.nb_unet_features}")
 
 
 @dataclass
@@ -339,7 +374,7 @@ class VxmDataLoss(Section):
 
 @dataclass
 class VxmRegLossArgs(Section):
-    w_reg: float
+    w_reg: float = checked(ge=0)
 
 
 @dataclass
@@ -460,6 +495,7 @@ def _parse_section(cls: type, data: Any, where: str, base: Path) -> Any:
             values[f.name] = data[key]
             continue
         values[f.name] = _parse(hints[f.name], data[key], path, base)
+        _check_value(values[f.name], f.metadata, path)
     section = cls(**values)
     section.check(where)
     return section
@@ -482,6 +518,25 @@ def _resolve_metric_checkpoint(config: RunConfig, base: Path) -> None:
     checkpoint = getattr(getattr(data_loss, "args", None), "checkpoint", None)
     if checkpoint is not None and not checkpoint.startswith(PRETRAINED_PREFIX):
         data_loss.args.checkpoint = str((base / checkpoint).resolve())
+
+
+# what a resumed run may change: how long it runs, and what it logs or writes (it stays in its own folder, so
+# save_dir has no effect); any other change would make it another run than the one its checkpoint continues
+RESUMABLE_KEYS = ("trainer.no_epochs", "trainer.log_period", "trainer.save_figures", "trainer.save_outputs",
+                  "trainer.no_samples_test", "trainer.save_dir", "data_loader.args.no_workers")
+
+
+def changed_keys(before: dict, after: dict, where: str = "") -> list[str]:
+    """Key paths whose values differ between two config dicts (a block present on one side only counts once)."""
+    changed = []
+    for key in sorted(set(before) | set(after), key=str):
+        path = f"{where}.{key}" if where else str(key)
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_keys(old, new, path)
+        elif old != new or key not in before or key not in after:
+            changed.append(path)
+    return changed
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

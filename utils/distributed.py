@@ -38,7 +38,7 @@ def setup(device: str | None = None, local_rank: int | None = None) -> Context:
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+            raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu)")
         torch.cuda.set_device(local_rank)
         where = torch.device("cuda", local_rank)
     elif kind == "cpu":

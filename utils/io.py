@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
 import nibabel as nib
@@ -18,6 +18,38 @@ import torch
 PathLike = str | os.PathLike
 KINDS = ("image", "mask", "seg")
 NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
+TMP_PREFIX = ".tmp-"  # temporary files of atomic writes; a run removes stale ones from its own folder
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error messages."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` (a subject ID, a run name) cannot be one file or folder name inside our folders; None if it can.
+
+    Names starting with '.' are refused too: '.', '..' and the temporary files of atomic writes.
+    """
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "contains a path separator or NUL"
+    if name.startswith("."):
+        return "starts with '.'"
+    return None
+
+
+def relative_path_problem(path: str) -> str | None:
+    """Why ``path`` would leave the folder it is relative to (absolute, or through '..'); None if it stays inside."""
+    if not path.strip() or "\0" in path:
+        return "is empty or contains NUL"
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive or path.startswith("\\"):
+        return "is absolute; it must be relative to the subject's folder"
+    if ".." in PurePosixPath(path.replace("\\", "/")).parts:
+        return "contains '..'; it must stay inside the subject's folder"
+    return None
 
 
 @contextmanager
@@ -25,23 +57,27 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
 
     The temporary name ends with the target's name, so writers that pick a format from the extension (nibabel's
-    ``.nii.gz``) see the right one. Parent folders are created.
+    ``.nii.gz``) see the right one. Parent folders are created. An OSError (a full disk, no permission) names
+    ``path``, the file the caller asked for.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # not created here (mkstemp would make it 0600): the writer creates it with the usual permissions
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a half-written file at ``path``."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        # through a Python file: a full disk raises OSError (ENOSPC), not torch's generic RuntimeError
+        torch.save(obj, handle)
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:

@@ -1,0 +1,415 @@
+"""The catalogue of bad input: each case must fail with one clear line and leave everything as it was.
+
+Every case runs train.py or test.py in-process through ``trainer.cli.run`` (as ``python train.py ...`` does) and
+asserts: a non-zero exit; a one-line message naming the file, the key or the flag; no traceback; and no file
+written, changed or removed anywhere (so no run folder is left behind and nothing escapes its folder). Resume
+cases start from a copy of one finished tiny run. Faults after the start (a full disk) leave a run folder whose
+status says 'failed' with the message.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import test as test_entry
+import train as train_entry
+from tests.demo_config import tiny_config
+from trainer.cli import run
+from trainer.run_folder import read_status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Workspace:
+    """A tiny demo dataset, its training config, and (for resume cases) a finished one-epoch run."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoint(self) -> Path:
+        (path,) = (self.root / "saved").rglob("checkpoint_epoch1.pt")
+        return path
+
+    @property
+    def run(self) -> Path:
+        return self.checkpoint.parent.parent
+
+    def edit(self, change: Callable[[dict], object], path: Path | None = None) -> Path:
+        """Write the config changed by ``change`` (to ``path``, default the workspace config); returns its path."""
+        data = json.loads(self.config.read_text())
+        change(data)
+        path = path or self.config
+        path.write_text(json.dumps(data))
+        return path
+
+    def pairs(self, text: str | bytes) -> None:
+        target = self.data / "pairs.csv"
+        target.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A workspace whose one-epoch training run has finished."""
+    root = tmp_path_factory.mktemp("finished")
+    tiny_config(root, no_epochs=1)
+    train_entry.main(["-c", str(root / "config.json"), "--device", "cpu"])
+    return root
+
+
+@pytest.fixture
+def ws(finished_run, tmp_path) -> Workspace:
+    """A copy of the finished run's workspace whose config points at the copy's data and save folder."""
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(finished_run, ws.root)
+    ws.edit(lambda c: (_set("data_loader.args.data_path", str(ws.data))(c),
+                       _set("trainer.save_dir", str(ws.root / "saved"))(c)))
+    return ws
+
+
+def _set(block_path: str, value) -> Callable[[dict], None]:
+    """A config edit setting one key (dotted path)."""
+    def change(data: dict) -> None:
+        *blocks, last = block_path.split(".")
+        node = data
+        for block in blocks:
+            node = node[block]
+        node[last] = value
+    return change
+
+
+def training(ws: Workspace, *extra: str) -> tuple[object, list[str]]:
+    return train_entry.main, ["-c", str(ws.config), "--device", "cpu", *extra]
+
+
+def registering(ws: Workspace, *extra: str) -> tuple[object, list[str]]:
+    return test_entry.main, ["-c", str(ws.config), "--device", "cpu", *extra]
+
+
+def resuming(ws: Workspace, *extra: str) -> tuple[object, list[str]]:
+    return train_entry.main, ["-r", str(ws.checkpoint), "--device", "cpu", "--set", "trainer.no_epochs=2", *extra]
+
+
+def edited(key: str, value, entry=training) -> Callable:
+    return lambda ws: (ws.edit(_set(key, value)), entry(ws))[1]
+
+
+def corrupt_nifti(ws: Workspace):
+    (ws.data / "sub-02" / "im.nii.gz").write_bytes(b"not a nifti file")
+    return training(ws)
+
+
+def truncated_checkpoint(ws: Workspace):
+    path = ws.root / "broken.pt"
+    path.write_bytes(ws.checkpoint.read_bytes()[:300])
+    return registering(ws, "-r", str(path))
+
+
+def checkpoint_without(key: str, resume: bool = False) -> Callable:
+    """test.py with a copy of the checkpoint that lacks ``key``, or (``resume``) train.py resuming the run's own."""
+    def case(ws: Workspace):
+        state = torch.load(ws.checkpoint, weights_only=True)
+        del state[key]
+        if resume:
+            torch.save(state, ws.checkpoint)
+            return resuming(ws)
+        torch.save(state, ws.root / "partial.pt")
+        return registering(ws, "-r", str(ws.root / "partial.pt"))
+    return case
+
+
+def voxelmorph_checkpoint(ws: Workspace):
+    torch.save({"config": {"inshape": [16, 16, 16]}, "model_state": {"flow.weight": torch.zeros(1)}},
+               ws.root / "vxm.pt")
+    return registering(ws, "-r", str(ws.root / "vxm.pt"))
+
+
+class _Payload:
+    """Runs a shell command when unpickled: what weights_only=True must refuse."""
+
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def malicious_checkpoint(ws: Workspace):
+    torch.save({"kind": "learnsim/similarity-metric", "payload": _Payload()}, ws.root / "evil.pt")
+    return registering(ws, "-r", str(ws.root / "evil.pt"))
+
+
+def _described_by_the_config(ws: Workspace) -> None:
+    """Make the run's checkpoint one without ``similarity_config`` (written before checkpoints described their
+    metric): test.py then builds the metric from the config, which the weights must fit. A checkpoint that
+    describes its metric registers with that metric whatever the config says."""
+    state = torch.load(ws.checkpoint, weights_only=True)
+    del state["similarity_config"]
+    torch.save(state, ws.checkpoint)
+
+
+def checkpoint_of_other_features(ws: Workspace):
+    _described_by_the_config(ws)
+    ws.edit(_set("model.args.no_features", [4, 4]))
+    return registering(ws, "-r", str(ws.checkpoint))
+
+
+def checkpoint_of_other_metric(ws: Workspace):
+    _described_by_the_config(ws)
+    ws.edit(lambda c: (_set("model.type", "CNN_LCC")(c), _set("data_loss.type", "LCC")(c)))
+    return registering(ws, "-r", str(ws.checkpoint))
+
+
+def checkpoint_outside_its_run(ws: Workspace):
+    moved = ws.root / "elsewhere" / "checkpoint_epoch1.pt"
+    moved.parent.mkdir()
+    shutil.copy(ws.checkpoint, moved)
+    return train_entry.main, ["-r", str(moved), "--device", "cpu", "--set", "trainer.no_epochs=2"]
+
+
+def q_v_folder_missing(ws: Workspace):
+    shutil.rmtree(ws.run / "q_v")
+    return resuming(ws)
+
+
+def q_v_file_corrupt(ws: Workspace):
+    (ws.run / "q_v" / "sub-01_sub-02.epoch1.pt").write_bytes(b"\x00" * 64)
+    return resuming(ws)
+
+
+def q_v_file_other_shape(ws: Workspace):
+    path = ws.run / "q_v" / "sub-01_sub-03.epoch1.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v[..., :8] if isinstance(v, torch.Tensor) else v for k, v in state.items()}, path)
+    return resuming(ws)
+
+
+def other_config_on_resume(ws: Workspace):
+    other = ws.root / "other.json"
+    saved = json.loads((ws.run / "config.json").read_text())
+    saved["reg_loss"]["args"]["w_reg"] = 0.5
+    saved["trainer"]["no_epochs"] = 2
+    other.write_text(json.dumps(saved))
+    return train_entry.main, ["-c", str(other), "-r", str(ws.checkpoint), "--device", "cpu"]
+
+
+def finished_resume(ws: Workspace):
+    return train_entry.main, ["-r", str(ws.checkpoint), "--device", "cpu"]
+
+
+def save_dir_is_a_file(ws: Workspace):
+    (ws.root / "not_a_folder").write_text("")
+    ws.edit(_set("trainer.save_dir", str(ws.root / "not_a_folder")))
+    return training(ws)
+
+
+def two_atlases(ws: Workspace):
+    ws.pairs("sub-01,sub-02\nsub-02,sub-03\n")
+    return training(ws)
+
+
+def colliding_pair_ids(ws: Workspace):
+    ws.pairs("sub-01,sub-02_x\nsub-01_sub-02,x\n")
+    return training(ws)
+
+
+def broken_labels(ws: Workspace):
+    (ws.data / "labels.json").write_text("{not json")
+    return registering(ws)
+
+
+def pairs_line(text: str, entry=training) -> Callable:
+    return lambda ws: (ws.pairs(text), entry(ws))[1]
+
+
+# (id, case, strings the message must contain); every case gets a copy of the finished run's workspace
+CASES = [
+    # the config file and its keys
+    ("config-missing", lambda ws: (train_entry.main, ["-c", str(ws.root / "nothing.json")]), None,
+     ["nothing.json", "does not exist"]),
+    ("config-not-json", lambda ws: (ws.config.write_text("{oops"), training(ws))[1], None, ["config.json", "JSON"]),
+    ("unknown-key", edited("trainer.no_epoch", 3), None, ["config.json", "trainer.no_epoch", "unknown key"]),
+    ("missing-key", lambda ws: (ws.edit(lambda c: c["trainer"].pop("no_iters_q_v")), training(ws))[1], None,
+     ["trainer.no_iters_q_v", "missing key"]),
+    ("wrong-type", edited("data_loader.args.batch_size", "4"), None, ["data_loader.args.batch_size", "expected int"]),
+    ("lr-negative", edited("optimizer_q_phi.args.lr", -0.1), None, ["optimizer_q_phi.args.lr", "> 0"]),
+    ("q_v-lr-zero", edited("optimizer_q_v.args.lr", 0), None, ["optimizer_q_v.args.lr", "> 0"]),
+    ("q_f-lr-zero", edited("optimizer_q_f.args.lr", 0.0), None, ["optimizer_q_f.args.lr"]),
+    ("q_f-sigma-zero", edited("q_f.args.sigma_init", 0), None, ["q_f.args.sigma_init"]),
+    ("q_f-u-negative", edited("q_f.args.u_init", -0.1), None, ["q_f.args.u_init"]),
+    ("q_v-sigma-zero", edited("data_loader.args.sigma_v_init", 0, registering), None,
+     ["data_loader.args.sigma_v_init"]),
+    ("q_v-u-negative", edited("data_loader.args.u_v_init", -1, registering), None, ["data_loader.args.u_v_init"]),
+    ("w_reg-negative", edited("reg_loss.args.w_reg", -1.0), None, ["reg_loss.args.w_reg", ">= 0"]),
+    ("no_steps-zero", edited("transformation_module.args.no_steps", 0), None, ["transformation_module.args.no_steps"]),
+    ("no_features-empty", edited("model.args.no_features", []), None, ["model.args.no_features"]),
+    ("no_features-zero", edited("model.args.no_features", [4, 0]), None, ["model.args.no_features"]),
+    ("sobolev-s-negative", edited("Sobolev_grad.s", -1), None, ["Sobolev_grad.s"]),
+    ("sobolev-lambda-zero", edited("Sobolev_grad.lambda", 0), None, ["Sobolev_grad.lambda"]),
+    ("noise-negative", edited("trainer.uniform_noise.magnitude", -0.1), None, ["trainer.uniform_noise.magnitude"]),
+    ("no_iters-zero", edited("trainer.no_iters_q_v", 0, registering), None, ["trainer.no_iters_q_v"]),
+    ("batch_size-zero", edited("data_loader.args.batch_size", 0), None, ["data_loader.args.batch_size"]),
+    ("dims-two", edited("data_loader.args.dims", [16, 16]), None, ["data_loader.args.dims"]),
+    ("dims-too-small", edited("data_loader.args.dims", [1, 16, 16]), None, ["data_loader.args.dims"]),
+    ("svffd-cps-too-large", edited("transformation_module", {"type": "SVFFD_3D", "args": {"cps": [16, 4, 4]}}), None,
+     ["transformation_module.args.cps", "dims"]),
+    ("lcc-window-too-large", lambda ws: (ws.edit(lambda c: (_set("model.type", "CNN_LCC")(c),
+                                                            _set("data_loss.type", "LCC")(c),
+                                                            _set("model.args.s", 8)(c))), training(ws))[1], None,
+     ["model.args.s", "window"]),
+    ("name-escapes", edited("name", "../../escaped"), None, ["name", "separator"]),
+    ("name-empty", edited("name", ""), None, ["name", "empty"]),
+    ("im_filename-escapes", edited("data_loader.args.im_filename", "../sub-02/im.nii.gz", registering), None,
+     ["data_loader.args.im_filename", ".."]),
+    ("seg_filename-absolute", edited("data_loader.args.seg_filename", "/etc/hostname", registering), None,
+     ["data_loader.args.seg_filename", "absolute"]),
+    ("data_path-missing", edited("data_loader.args.data_path", "no_such_folder"), None, ["data_loader.args.data_path"]),
+    ("override-not-a-block", lambda ws: training(ws, "--set", "trainer.nope.deeper=1"), None, ["trainer.nope.deeper"]),
+    ("override-bad-value", lambda ws: training(ws, "--set", "optimizer_q_v.args.lr=-1"), None,
+     ["optimizer_q_v.args.lr"]),
+    ("training-a-baseline", lambda ws: training(ws, "--set", "model.args.learnable=false"), None,
+     ["model.args.learnable"]),
+    # the data
+    ("pair-id-escapes", pairs_line("sub-01,../x\n", registering), None, ["pairs.csv", "line 1", "'../x'"]),
+    ("pair-id-escapes-train", pairs_line("sub-01,sub-02\nsub-01,../../x\n"), None, ["pairs.csv", "line 2"]),
+    ("pair-id-hidden", pairs_line("sub-01,.tmp-x\n", registering), None, ["pairs.csv", "'.tmp-x'"]),
+    ("pairs-not-utf8", pairs_line(b"sub-01,sub-0\xff2\n", registering), None, ["pairs.csv", "UTF-8"]),
+    ("pairs-three-fields", pairs_line("sub-01,sub-02,sub-03\n", registering), None, ["pairs.csv", "line 1"]),
+    ("pairs-empty", pairs_line("\n", registering), None, ["pairs.csv", "no pairs"]),
+    ("pairs-colliding-ids", colliding_pair_ids, None, ["pairs.csv", "line 2", "same pair ID"]),
+    ("subject-missing", pairs_line("sub-01,sub-09\n", registering), None, ["sub-09"]),
+    ("image-missing", lambda ws: ((ws.data / "sub-03" / "im.nii.gz").unlink(), registering(ws))[1], None,
+     [str(Path("sub-03") / "im.nii.gz")]),
+    ("image-corrupt", corrupt_nifti, None, [str(Path("sub-02") / "im.nii.gz")]),
+    ("two-atlases", two_atlases, None, ["data_loader.args.im_pairs", "fixed images"]),
+    ("labels-corrupt", broken_labels, None, ["labels.json"]),
+    # checkpoints given to test.py
+    ("checkpoint-missing", lambda ws: registering(ws, "-r", str(ws.root / "none.pt")), None,
+     ["none.pt", "does not exist"]),
+    ("checkpoint-truncated", truncated_checkpoint, None, ["broken.pt"]),
+    ("checkpoint-without-model", checkpoint_without("model"), None, ["partial.pt", "'model'"]),
+    ("checkpoint-without-q_f", checkpoint_without("q_f"), None, ["partial.pt", "'q_f'"]),
+    ("resume-checkpoint-without-optimizer", checkpoint_without("optimizer_q_f", resume=True), None,
+     ["checkpoint_epoch1.pt", "'optimizer_q_f'"]),
+    ("checkpoint-voxelmorph", voxelmorph_checkpoint, None, ["vxm.pt", "VoxelMorph"]),
+    ("checkpoint-malicious", malicious_checkpoint, None, ["evil.pt", "weights_only"]),
+    ("checkpoint-other-features", checkpoint_of_other_features, None, ["checkpoint_epoch1.pt", "no_features"]),
+    ("checkpoint-other-metric", checkpoint_of_other_metric, None, ["checkpoint_epoch1.pt", "LCC"]),
+    # resuming
+    ("resume-outside-run-folder", checkpoint_outside_its_run, None, ["elsewhere", "layout of a run folder"]),
+    ("resume-q_v-missing", q_v_folder_missing, None, ["sub-01_sub-02.epoch1.pt", "missing", "--reset-q-v"]),
+    ("resume-q_v-corrupt", q_v_file_corrupt, None, ["sub-01_sub-02.epoch1.pt", "corrupt"]),
+    ("resume-q_v-other-shape", q_v_file_other_shape, None, ["sub-01_sub-03.epoch1.pt", "shape"]),
+    ("resume-other-config", other_config_on_resume, None, ["other.json", "reg_loss.args.w_reg"]),
+    ("resume-set-dims", lambda ws: resuming(ws, "--set", "data_loader.args.dims=[8,8,8]"), None,
+     ["--set", "data_loader.args.dims"]),
+    ("resume-set-unknown", lambda ws: resuming(ws, "--set", "trainer.bogus=1"), None, ["trainer.bogus", "unknown key"]),
+    ("resume-set-out-of-range", lambda ws: resuming(ws, "--set", "reg_loss.args.w_reg=-2"), None,
+     ["reg_loss.args.w_reg"]),
+    ("resume-finished-run", finished_resume, None, ["checkpoint_epoch1.pt", "finished", "trainer.no_epochs"]),
+    ("reset-q-v-without-resume", lambda ws: training(ws, "--reset-q-v"), 2, ["--reset-q-v"]),
+    # the disk and the device
+    ("save_dir-is-a-file", save_dir_is_a_file, None, ["not_a_folder"]),
+    pytest.param("device-cuda-without-cuda",
+                 lambda ws: (train_entry.main, ["-c", str(ws.config), "--device", "cuda"]), None, ["--device cuda"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+]
+
+
+def _ids(case) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots`` with its size and modification time."""
+    found = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            stat = path.lstat()
+            found[str(path)] = (path.is_dir(), stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def run_case(entry, argv: list[str], capsys) -> tuple[object, str]:
+    """Run an entry point as its command line does; returns (exit code, message shown)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(entry, argv)
+    captured = capsys.readouterr()
+    code = exit_info.value.code
+    message = code if isinstance(code, str) else captured.err.strip().splitlines()[-1]
+    assert "Traceback" not in captured.err + captured.out
+    return code, message
+
+
+@pytest.mark.parametrize("name, case, expected_code, expected", CASES, ids=[_ids(c) for c in CASES])
+def test_bad_input(name, case, expected_code, expected, ws, finished_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative path that escaped would land here, and show in the snapshot
+    entry, argv = case(ws)
+    before = snapshot(tmp_path, finished_run)
+    code, message = run_case(entry, argv, capsys)
+    assert code != 0 and code is not None
+    if expected_code is not None:
+        assert code == expected_code
+    else:
+        assert isinstance(code, str) and message.startswith("error: ")
+    assert "\n" not in message, message
+    for text in expected:
+        assert text in message, f"{text!r} not in {message!r}"
+    assert snapshot(tmp_path, finished_run) == before, "a failed start wrote, changed or removed files"
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("entry", ["train", "test"])
+def test_full_disk_names_the_file_and_marks_the_run_failed(entry, ws, capsys, monkeypatch):
+    """A write that fails with ENOSPC mid-run: one line saying 'no space left' and where; status 'failed'."""
+    shutil.rmtree(ws.root / "saved")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # the first torch.save of training is a q_v state; the first NIfTI of a test run is a registered image
+    monkeypatch.setattr("utils.io.torch.save" if entry == "train" else "utils.io.nib.save", full)
+    main = train_entry.main if entry == "train" else test_entry.main
+    code, message = run_case(main, ["-c", str(ws.config), "--device", "cpu"], capsys)
+    assert message.startswith("error: no space left on device: ") and "\n" not in message
+    (folder,) = [p for p in (ws.root / "saved").rglob(f"{entry}-*") if p.is_dir()]
+    written = Path(message.split(": ", 2)[2])
+    assert folder in written.parents, "the message names the file in the run folder"
+    assert read_status(folder)["status"] == "failed"
+    assert read_status(folder)["message"] == message.removeprefix("error: ")
+    assert not list(folder.rglob(".tmp-*")), "a temporary file was left behind"
+
+
+def test_command_line_exit_status(ws):
+    """The real command line: exit status 1 and the one line on stderr."""
+    shutil.rmtree(ws.root / "saved")
+    ws.pairs(b"sub-01,sub-0\xff2\n")
+    argv = [sys.executable, "test.py", "-c", str(ws.config), "--device", "cpu"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "pairs.csv" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (ws.root / "saved").exists()
+
+
+def test_debug_shows_the_traceback(ws, capsys):
+    ws.pairs("sub-01,../x\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run(test_entry.main, ["-c", str(ws.config), "--device", "cpu", "--debug"])
+    assert "pairs.csv" in exit_info.value.code and "Traceback" in capsys.readouterr().err
