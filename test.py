@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, load_voxelmorph
+from trainer.checkpoint import CheckpointError, is_pretrained_model, load_checkpoint, load_voxelmorph
 from trainer.cli import add_common_arguments, run
 from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import new_run_folder, started_run
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", required=True, help="JSON config")
     parser.add_argument("-r", "--resume", help="checkpoint or pretrained:NAME: a learnt metric (q_v config; default: "
-                                               "the baseline metric; the metric is the checkpoint's), or a VoxelMorph "
+                                               "the baseline; a pretrained model brings its metric), or a VoxelMorph "
                                                "network (VoxelMorph config; required)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> Path:
             checkpoint = load_checkpoint(resolve_checkpoint(args.resume), context.device) if args.resume else None
             if checkpoint is None and config.model.args.learnable and context.is_main:
                 sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
+            if checkpoint is not None and is_pretrained_model(checkpoint) and context.is_main:
+                sys.stderr.write(f"registering with the metric of {args.resume}: {checkpoint['similarity_config']}\n")
             folder = new_run_folder(config.trainer.save_dir, config.name, "test", context)
             tester = Tester(config, folder, context, checkpoint)
         with started_run(folder, config.to_dict(), context):

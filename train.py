@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError, check_kind, from_a_run, load_training_checkpoint, resume_config
+from trainer.checkpoint import (CheckpointError, check_kind, is_pretrained_model, load_training_checkpoint,
+                                resume_config)
 from trainer.cli import add_common_arguments, run
 from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import new_run_folder, resumed_run_folder, started_run
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         if args.resume:
             path = resolve_checkpoint(args.resume)
             checkpoint = load_training_checkpoint(path, context.device)
-            resumed = from_a_run(checkpoint)
+            resumed = not is_pretrained_model(checkpoint)
             if not resumed and not args.config:
                 raise CheckpointError(f"{args.resume} is a pretrained model, not a run to resume: give a config "
                                       f"(-c) to start a new run from its weights")

@@ -154,23 +154,12 @@ def malicious_checkpoint(ws: Workspace):
     return registering(ws, "-r", str(ws.root / "evil.pt"))
 
 
-def _described_by_the_config(ws: Workspace) -> None:
-    """Make the run's checkpoint one without ``similarity_config`` (written before checkpoints described their
-    metric): test.py then builds the metric from the config, which the weights must fit. A checkpoint that
-    describes its metric registers with that metric whatever the config says."""
-    state = torch.load(ws.checkpoint, weights_only=True)
-    del state["similarity_config"]
-    torch.save(state, ws.checkpoint)
-
-
 def checkpoint_of_other_features(ws: Workspace):
-    _described_by_the_config(ws)
     ws.edit(_set("model.args.no_features", [4, 4]))
     return registering(ws, "-r", str(ws.checkpoint))
 
 
 def checkpoint_of_other_metric(ws: Workspace):
-    _described_by_the_config(ws)
     ws.edit(lambda c: (_set("model.type", "CNN_LCC")(c), _set("data_loss.type", "LCC")(c)))
     return registering(ws, "-r", str(ws.checkpoint))
 

@@ -91,7 +91,7 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "payload": Payload()}, path)
-    with pytest.raises(CheckpointError, match="weights_only=True refuses"):
+    with pytest.raises(CheckpointError, match="refused.*weights_only"):
         load_checkpoint(path)
 
 

@@ -1,16 +1,24 @@
 """A learnt metric loads from its checkpoint alone (no config) and works as the loss of a plain registration loop."""
 from __future__ import annotations
 
+import json
 import tarfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.similarity import SimilarityMetric
-from trainer.checkpoint import CheckpointError, pretrained_checkpoint
-from trainer.pretrained import load_metric
+import test as test_entry
+from data_loader.demo import make_demo_dataset
+from model.variational import QF
+from trainer.checkpoint import CheckpointError, load_checkpoint, pretrained_checkpoint, save_checkpoint
+from trainer.pretrained import load_metric, pack
+from utils.pretrained import load_manifest
 from utils.flow import warp
 from utils.io import atomic_torch_save
+
+from demo_config import demo_config_dict
 
 SHAPE = (16, 16, 16)
 
@@ -30,9 +38,11 @@ def perturbed(similarity: SimilarityMetric, seed: int = 0) -> SimilarityMetric:
     return similarity
 
 
-def blob(centre) -> torch.Tensor:
-    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in SHAPE), indexing="ij"))
-    return torch.exp(-((grid - torch.tensor(centre).view(3, 1, 1, 1)) ** 2).sum(0) / 18.0)[None, None]
+def shifted_pair(shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth random texture and the same texture moved by ``shift`` voxels (moving(x + shift) = fixed(x))."""
+    noise = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    fixed = F.avg_pool3d(F.pad(noise, [1] * 6, mode="replicate"), 3, stride=1)
+    return fixed, warp(fixed, -torch.tensor(shift).view(1, 3, 1, 1, 1).expand(1, 3, *SHAPE))
 
 
 @pytest.mark.parametrize("kind, s, no_features, slope", [("SSD", 1, (2, 4), 0.1), ("LCC", 2, (4, 8, 8), 0.2)])
@@ -52,7 +62,7 @@ def test_the_checkpoint_alone_rebuilds_the_metric(tmp_path, kind, s, no_features
 def test_a_plain_registration_loop_with_the_learnt_metric_as_its_loss(tmp_path, kind):
     """The loop of README's "Pretrained models" section: optimise a displacement against the loaded metric."""
     path = save_metric(tmp_path / "metric.pt", SimilarityMetric(kind, True))
-    fixed, moving = blob((8.0, 8.0, 8.0)), blob((9.5, 7.0, 8.0))
+    fixed, moving = shifted_pair((1.0, -0.7, 0.0))
 
     loss_fn = load_metric(path)
     displacement = torch.zeros(1, 3, *fixed.shape[2:], requires_grad=True)  # voxel units
@@ -67,9 +77,9 @@ def test_a_plain_registration_loop_with_the_learnt_metric_as_its_loss(tmp_path, 
         losses.append(loss.item())
 
     assert losses[-1] < losses[0] - 0.1 * abs(losses[0])
-    # the moving blob sits at +1.5 along axis 0 and -1 along axis 1: the displacement at the centre points there
-    centre = displacement.detach()[0, :, 8, 8, 8]
-    assert centre[0] > 0.3 and centre[1] < -0.2
+    # inside, the displacement heads for the shift (+1 along axis 0, -0.7 along axis 1, 0 along axis 2)
+    mean = displacement.detach()[0, :, 4:12, 4:12, 4:12].mean((1, 2, 3))
+    assert mean[0] > 0.05 and mean[1] < -0.02 and abs(mean[2]) < 0.5 * mean[0]
 
 
 def test_files_that_are_not_metric_checkpoints_fail_clearly(tmp_path):
@@ -88,3 +98,40 @@ def test_files_that_are_not_metric_checkpoints_fail_clearly(tmp_path):
     torch.save(checkpoint, old)
     with pytest.raises(CheckpointError, match=f"{old}: the checkpoint does not describe its metric"):
         load_metric(old)
+
+
+def test_pack_keeps_the_metric_and_drops_the_optimizers(tmp_path):
+    similarity, q_f = perturbed(SimilarityMetric("LCC", True)), QF(SHAPE)
+    run = tmp_path / "checkpoint_epoch3.pt"
+    save_checkpoint(run, epoch=3, step=6, similarity=similarity, q_f=q_f,
+                    optimizer_theta=torch.optim.Adam(similarity.parameters()),
+                    optimizer_q_f=torch.optim.Adam(q_f.parameters()), config={"name": "demo_LCC"})
+    packed = load_checkpoint(pack(run, tmp_path / "demo_LCC.pt"))
+    assert packed["optimizer_q_phi"] is None and packed["optimizer_q_f"] is None and packed["config"] is None
+    assert packed["run_config"] == {"name": "demo_LCC"} and packed["epoch"] == 3
+    fixed, warped = torch.rand(2, 1, 1, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(load_metric(tmp_path / "demo_LCC.pt")(fixed, warped),
+                                   similarity(fixed, warped, torch.ones_like(fixed)).mean())
+
+
+@pytest.mark.parametrize("name, kind", [("demo_SSD", "SSD"), ("demo_LCC", "LCC")])
+def test_the_shipped_demo_metrics_load_offline(name, kind):
+    entry = load_manifest()[name]
+    assert entry.url == f"{name}.pt" and entry.size < 1_000_000 and entry.checksum.startswith("sha256:")
+    loss = load_metric(f"pretrained:{name}")
+    assert loss.similarity.kind == kind and loss.similarity.learnable
+    image = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(loss(image, image.flip(2)))
+
+
+def test_test_py_registers_with_a_pretrained_models_own_metric(tmp_path, capsys):
+    """``test.py -c <an SSD config> -r pretrained:demo_LCC`` registers with the learnt LCC of the checkpoint."""
+    data = make_demo_dataset(tmp_path / "data", no_subjects=2, size=16)
+    config = demo_config_dict(data, tmp_path / "saved", no_iters_q_v=2, no_samples_test=2, save_outputs=False,
+                              save_figures=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    folder = test_entry.main(["-c", str(tmp_path / "config.json"), "-r", "pretrained:demo_LCC", "--device", "cpu"])
+    assert json.loads((folder / "summary.json").read_text())["no_pairs"] == 1
+    assert "registering with the metric of pretrained:demo_LCC: {'kind': 'LCC', 'learnable': True" in \
+        capsys.readouterr().err

@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trainer.build import batch_seed, build_dataset, build_labels, build_loader
-from trainer.checkpoint import from_a_run, save_run_checkpoint
+from trainer.checkpoint import is_pretrained_model, save_run_checkpoint
 from trainer.monitor import TrainingMonitor
 from trainer.run_folder import get_logger
 from utils.config import RunConfig
@@ -66,7 +66,7 @@ class BaseTrainer:
         """Continue after the checkpoint's epoch, with its weights, optimiser states and step count; from a pretrained
         model's checkpoint, start at epoch 1 with its weights."""
         self.load_state(checkpoint)
-        if from_a_run(checkpoint):
+        if not is_pretrained_model(checkpoint):
             self.start_epoch, self.step = checkpoint["epoch"] + 1, checkpoint["step"]
             self.notes.append(f"resuming after epoch {checkpoint['epoch']} (step {self.step})")
 

@@ -59,6 +59,12 @@ def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: Similarity
                         state=metric_state(similarity, q_f, optimizer_theta, optimizer_q_f))
 
 
+def is_pretrained_model(checkpoint: dict) -> bool:
+    """Whether a checkpoint is a pretrained model (weights, no optimizer states or run config), not a run's: a new
+    run starts from its weights, while a run's checkpoint resumes in its folder."""
+    return checkpoint.get("config") is None
+
+
 def pretrained_checkpoint(similarity: SimilarityMetric, q_f_state: dict, *, epoch: int, step: int,
                           extra: dict | None = None) -> dict:
     """A checkpoint of a pretrained metric: theta and q_f without optimizer states or run config.
@@ -78,7 +84,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
+    except Exception as error:  # torch raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(path, error)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
@@ -180,8 +186,9 @@ def _unreadable(path: Path, error: Exception) -> str:
                 f"{VXM_HINT}")
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if refused:
-        return (f"it pickles {refused[1]}, which weights_only=True refuses; an authors' learnt-metric file imports "
-                f"with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / LCC_learnt)")
+        return (f"refused: it pickles {refused[1]}, which weights_only=True does not load; an authors' learnt-metric "
+                f"file imports with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / "
+                f"LCC_learnt)")
     if isinstance(error, pickle.UnpicklingError):
         return ("refused, it holds pickled Python objects besides tensors and plain containers (checkpoints are "
                 "loaded with weights_only=True)")
@@ -247,12 +254,6 @@ def load_voxelmorph(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location).eval(), checkpoint if checkpoint.get("kind") == VXM_CHECKPOINT_KIND else None
 
 
-def from_a_run(checkpoint: dict) -> bool:
-    """Whether a checkpoint was written by a training run, which resumes in its folder (a pretrained model's has no
-    run config: a new run starts from its weights)."""
-    return checkpoint.get("config") is not None
-
-
 def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint that train.py can resume: a learnt metric's or a VoxelMorph network's, of this project."""
     checkpoint = read_checkpoint(path, map_location)
@@ -263,3 +264,4 @@ def load_training_checkpoint(path: str | Path, map_location: str | torch.device 
                               f"resume; register with it (test.py -r) or train a new network (train.py -c)")
     raise CheckpointError(f"{path}: not a learnsim training checkpoint (kind {checkpoint.get('kind')!r}, keys "
                           f"{sorted(map(str, checkpoint))[:8]})")
+

@@ -27,7 +27,7 @@ from model.variational import QV
 from trainer import outputs
 from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
                            to_device)
-from trainer.checkpoint import load_similarity, similarity_from_checkpoint
+from trainer.checkpoint import is_pretrained_model, load_similarity, similarity_from_checkpoint
 from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
                                 sample_displacements, summarise, voxel_spacing)
 from trainer.q_v_inference import infer_q_v
@@ -262,7 +262,7 @@ class Tester(BaseTester):
 
     def __init__(self, config: QVTestConfig, folder: Path, context: Context, checkpoint: dict | None = None):
         super().__init__(config, folder, context)
-        if checkpoint is not None and "similarity_config" in checkpoint:  # the checkpoint's metric, not the config's
+        if checkpoint is not None and is_pretrained_model(checkpoint):  # it brings its metric; a run's must fit
             self.similarity = similarity_from_checkpoint(checkpoint, checkpoint["source"],
                                                          config.trainer.channels_last)
             self.notes.append((logging.INFO, f"metric of the checkpoint: {self.similarity.config()}"))

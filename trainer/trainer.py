@@ -9,7 +9,7 @@ from model.energy import ContrastiveLoss
 from model.variational import QF
 from trainer.base import BaseTrainer, distributed
 from trainer.build import build_energy, build_similarity, to_device
-from trainer.checkpoint import CHECKPOINT_KIND, load_similarity, load_state, metric_state
+from trainer.checkpoint import CHECKPOINT_KIND, is_pretrained_model, load_similarity, load_state, metric_state
 from trainer.q_v_inference import denormals_flushed, infer_q_v
 from trainer.q_v_store import QVStore
 from utils.config import ConfigError, QVTrainConfig
@@ -59,8 +59,8 @@ class Trainer(BaseTrainer):
 
     def load_state(self, checkpoint: dict) -> None:
         load_similarity(self.similarity, checkpoint, checkpoint["source"])
-        if checkpoint["optimizer_q_phi"] is None:  # a pretrained model: a new run starts from its weights
-            same_grid = checkpoint["q_f"]["u"].shape == self.q_f.u.shape
+        if is_pretrained_model(checkpoint):  # a new run starts from its weights
+            same_grid = getattr(checkpoint["q_f"].get("u"), "shape", None) == self.q_f.u.shape
             if same_grid:
                 load_state(self.q_f, checkpoint, "q_f")
             self.notes.append(f"starting from pretrained theta{' and q_f' if same_grid else ' (q_f: other grid)'}")
