@@ -45,7 +45,8 @@ def build_similarity(config: Config) -> SimilarityMetric:
     """g_theta: SSD or LCC, baseline or Dirac-initialised learnable."""
     args = config.model.args
     return SimilarityMetric(config.data_loss.type, args.learnable, args.s, args.no_features,
-                            args.activation.args.get("negative_slope", 0.2), config.trainer.channels_last)
+                            args.activation.args.get("negative_slope", 0.2), config.trainer.channels_last,
+                            args.lcc_form)
 
 
 def build_transformation(config: Config) -> SVF:

@@ -22,7 +22,10 @@ class CheckpointError(ValueError):
 
 def similarity_signature(similarity: SimilarityMetric) -> dict:
     """What a checkpoint must agree on with the model that loads it."""
-    return {"type": similarity.kind, "learnable": similarity.learnable}
+    signature = {"type": similarity.kind, "learnable": similarity.learnable}
+    if similarity.kind == "LCC":
+        signature["lcc_form"] = similarity.lcc_form
+    return signature
 
 
 def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: SimilarityMetric, q_f: torch.nn.Module,
