@@ -232,10 +232,10 @@ class Tester:
                                  "after (posterior mean)": by_structure(rows, "mean"),
                                  f"samples of q_v ({self.no_samples})": by_structure(rows, "samples")},
                                 metrics=("dice", "asd_mm", "hd95_mm"), title=self.config.name)
-        self.logger.info("results per structure (posterior mean unless stated), %d pairs:\n%s",
+        self.logger.info("results per structure, %d pairs:\n%s",
                          summary["no_pairs"], format_table(summary))
-        before, after = summary["mean_dice_before"], summary["mean_dice_after"]
-        self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s", summary["no_pairs"],
-                         len(self.labels), "n/a" if before is None else f"{before:.3f}",
-                         "n/a" if after is None else f"{after:.3f}")
+        dice = [summary[key] for key in ("mean_dice_before", "mean_dice_after", "mean_dice_samples")]
+        self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s (posterior mean), %s "
+                         "(samples)", summary["no_pairs"], len(self.labels),
+                         *("n/a" if value is None else f"{value:.3f}" for value in dice))
         return summary
