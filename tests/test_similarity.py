@@ -280,3 +280,44 @@ def test_q_v_loss_gradients_reach_q_v_not_theta(kind):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
         assert parameter.grad.abs().sum() > 0
     assert all(p.grad is None for p in theta)
+
+
+def test_learnt_lcc_window_starts_as_the_box_and_is_part_of_theta():
+    """The reference's CNN_LCC window: nn.Conv3d(1, 1, 3, bias=False) weights, ones at the start, trained with theta."""
+    torch.manual_seed(0)
+    learnt, baseline = SimilarityMetric("LCC", learnable=True).double(), SimilarityMetric("LCC", learnable=False)
+    assert baseline.window is None and list(baseline.parameters()) == []
+    assert SimilarityMetric("SSD", learnable=True).window is None
+    assert torch.equal(learnt.window, torch.ones(1, 1, 3, 3, 3, dtype=torch.float64))
+    assert any(p is learnt.window for p in learnt.parameters())
+    fixed, warped = smooth_images((10, 10, 10), batch=2, seed=4)
+    fixed, warped = fixed.double(), warped.double()
+    mask = torch.ones_like(fixed)
+    learnt(fixed, warped, mask).sum().backward()
+    assert learnt.window.grad is not None and learnt.window.grad.abs().sum() > 0
+    with torch.no_grad():
+        learnt.window.mul_(torch.linspace(0.5, 1.5, 27, dtype=torch.float64).view(1, 1, 3, 3, 3))
+        features = learnt.features
+        expected = lcc_data_term(lcc_map(features(fixed), features(warped), 1, learnt.window), mask)
+        torch.testing.assert_close(learnt(fixed, warped, mask), expected)
+        assert not torch.allclose(learnt(fixed, warped, mask), lcc_data_term(lcc_map(features(fixed),
+                                                                                    features(warped)), mask))
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_lcc_form_option(learnable):
+    fixed, warped = smooth_images((9, 9, 9), batch=1, seed=2)
+    mask = torch.ones_like(fixed)
+    torch.manual_seed(0)
+    reference = SimilarityMetric("LCC", learnable=learnable)
+    torch.manual_seed(0)
+    textbook = SimilarityMetric("LCC", learnable=learnable, lcc_form="textbook")
+    with torch.no_grad():
+        f_fixed, f_warped = reference.features(fixed), reference.features(warped)
+        # float32: the learnt window sums by convolution, the box by shifted sums
+        torch.testing.assert_close(reference(fixed, warped, mask), lcc_data_term(lcc_map(f_fixed, f_warped), mask),
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(textbook(fixed, warped, mask),
+                                   lcc_data_term(lcc_map_textbook(f_fixed, f_warped), mask), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="centred"):
+        SimilarityMetric("LCC", learnable=False, lcc_form="centred")
