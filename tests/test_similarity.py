@@ -321,3 +321,19 @@ def test_lcc_form_option(learnable):
                                    lcc_data_term(lcc_map_textbook(f_fixed, f_warped), mask), rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="centred"):
         SimilarityMetric("LCC", learnable=False, lcc_form="centred")
+
+
+def test_feature_extractor_has_leaky_relu_slope_0_2():
+    """Dirac-initialised f is ~x for x >= 0 and ~0.2^3 x for x < 0: three LeakyReLUs of slope 0.2 (METHOD.md),
+    for the default extractor and for the one a config builds."""
+    from tests.demo_config import ROOT
+    from trainer.build import build_similarity
+    from utils.config import load_config
+
+    torch.manual_seed(0)
+    built = build_similarity(load_config(ROOT / "configs" / "demo" / "train.json")).features
+    for extractor in (FeatureExtractor(), built):
+        image = torch.full((1, 1, 5, 5, 5), 0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(extractor(image), image, rtol=0, atol=1e-4)
+            torch.testing.assert_close(extractor(-image), -0.2 ** 3 * image, rtol=1e-3, atol=1e-5)
