@@ -47,14 +47,21 @@ def _summary(folder: Path) -> dict:
     }
 
 
-def run_metric(configs: Path, metric: str, checkpoint: str | None, overrides: list[str]) -> dict:
+def run_metric(configs: Path, metric: str, checkpoint: str | None, overrides: list[str],
+               baseline_only: bool = False) -> dict:
     """Train (unless a checkpoint is given), then register with the baseline and the learnt metric.
 
-    ``overrides`` (``KEY.PATH=VALUE``) apply to both registration runs, not to training.
+    ``overrides`` (``KEY.PATH=VALUE``) apply to both registration runs, not to training. ``baseline_only``: register
+    with the baseline metric only (no training).
     """
     folder = configs / metric
     sets = [arg for item in overrides for arg in ("--set", item)]
     result: dict = {"metric": metric, "test_overrides": overrides}
+    if baseline_only:
+        baseline, result["test_baseline_seconds"] = _timed(
+            test_script.main, ["-c", str(folder / f"config_test_baseline_{metric}.json"), *sets])
+        result["baseline"] = _summary(baseline)
+        return result
     if checkpoint is None:
         checkpoint, result["train_seconds"] = _timed(train_script.main, ["-c", str(folder / f"config_train_{metric}.json")])
     result["checkpoint"] = os.path.relpath(checkpoint)
@@ -72,6 +79,8 @@ def table(results: list[dict]) -> str:
     """Markdown table: overall and per-structure Dice / ASD, baseline vs learnt."""
     lines = ["| metric | structure | Dice baseline | Dice learnt | diff | ASD baseline (mm) | ASD learnt (mm) | diff |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if any("learnt" not in r for r in results):
+        return baseline_table(results)
     for r in results:
         rows = [("**all**", r["baseline"]["overall"], r["learnt"]["overall"])]
         rows += [(name, r["baseline"]["per_structure"][name], r["learnt"]["per_structure"][name])
@@ -92,6 +101,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def baseline_table(results: list[dict]) -> str:
+    """Markdown table of baseline-only runs: per structure Dice / ASD before, of the posterior mean and of the samples."""
+    lines = ["| metric | structure | Dice before | Dice mean | Dice samples | ASD mean (mm) | ASD samples (mm) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        b = r["baseline"]
+        lines.append(f"| {r['metric']} | **all** | {b['before']['dice']:.3f} | {b['overall']['dice']:.3f} | "
+                     f"{b['samples']['dice']:.3f} | {b['overall']['asd_mm']:.3f} | {b['samples']['asd_mm']:.3f} |")
+        for name, values in b["per_structure"].items():
+            lines.append(f"| {r['metric']} | {name} | | {values['dice']:.3f} | | {values['asd_mm']:.3f} | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=Path, default=Path("configs/synthbrain"))
@@ -100,10 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="use this learnt metric instead of training one")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="config override for the registration runs (repeatable)")
+    parser.add_argument("--baseline-only", action="store_true", help="register with the baseline metrics only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_synthbrain.json"))
     args = parser.parse_args(argv)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    results = [run_metric(args.configs, metric, checkpoints.get(metric), args.set) for metric in args.metrics]
+    results = [run_metric(args.configs, metric, checkpoints.get(metric), args.set, args.baseline_only)
+               for metric in args.metrics]
     report = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")},
               "results": results, "table": table(results)}
