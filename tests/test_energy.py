@@ -19,8 +19,9 @@ from model.variational import QF, QV
 from tests import reference_impl as reference
 from tests.demo_config import tiny_config
 from trainer.build import build_similarity
-from trainer.trainer import Trainer
+from trainer.monitor import TrainingMonitor
 from trainer.run_folder import create_run_folder
+from trainer.trainer import Trainer
 from utils.config import load_config
 from utils.distributed import setup
 
@@ -186,6 +187,7 @@ def test_train_batch_steps_theta_and_q_f_on_the_contrastive_loss(tmp_path):
     config = load_config(tiny_config(tmp_path, no_iters_q_v=2))
     context = setup("cpu")
     trainer = Trainer(config, create_run_folder(config.trainer.save_dir, config.name, "train", context), context)
+    trainer.monitor = TrainingMonitor(None, config, context, trainer.labels)  # train() makes it otherwise
     log: list = []
     recorded_step(trainer, log)
     trainer.train_batch(next(iter(trainer.loader)), epoch=1, index=0)
