@@ -90,19 +90,21 @@ def table(results: list[dict]) -> str:
                          f"| {b['asd_mm']:.3f} | {l['asd_mm']:.3f} | {l['asd_mm'] - b['asd_mm']:+.3f} |")
     lines.append("")
     lines.append("| metric | Dice before | Dice samples baseline | Dice samples learnt | ASD samples baseline | "
-                 "ASD samples learnt | det J < 0 voxels (reference) baseline | learnt | std log detJ baseline | learnt |")
+                 "ASD samples learnt | det J < 0 voxels (reference) baseline | learnt | std log detJ baseline | "
+                 "learnt |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         b, l = r["baseline"], r["learnt"]
         lines.append(f"| {r['metric']} | {b['before']['dice']:.3f} | {b['samples']['dice']:.3f} | "
                      f"{l['samples']['dice']:.3f} | {b['samples']['asd_mm']:.3f} | {l['samples']['asd_mm']:.3f} | "
-                     f"{b['overall']['folding_voxels_reference']:.1f} | {l['overall']['folding_voxels_reference']:.1f} | "
+                     f"{b['overall']['folding_voxels_reference']:.1f} | "
+                     f"{l['overall']['folding_voxels_reference']:.1f} | "
                      f"{b['overall']['log_jacobian_std']:.4f} | {l['overall']['log_jacobian_std']:.4f} |")
     return "\n".join(lines)
 
 
 def baseline_table(results: list[dict]) -> str:
-    """Markdown table of baseline-only runs: per structure Dice / ASD before, of the posterior mean and of the samples."""
+    """Markdown table of baseline-only runs: Dice / ASD before, of the posterior mean and of the samples."""
     lines = ["| metric | structure | Dice before | Dice mean | Dice samples | ASD mean (mm) | ASD samples (mm) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:

@@ -104,10 +104,10 @@ class SubjectFiles:
 class PairDataset(Dataset):
     """Image pairs on the working grid ``dims``: each item holds ``fixed`` and ``moving`` {im, mask[, seg]}.
 
-    ``im`` is float32 (1, *dims) min-max rescaled to [0, 1] (after resampling, as the reference), ``mask`` float32 (1, *dims) of 0/1
-    (all ones without a mask file), ``seg`` int64 (1, *dims). ``affine`` is the working-grid affine of the fixed
-    image, ``input_affine`` and ``input_shape`` its input geometry (to write outputs on the input grid). The
-    voxel grids of fixed and moving images are assumed to correspond (data affinely pre-aligned).
+    ``im`` is float32 (1, *dims) min-max rescaled to [0, 1] after resampling (as the reference), ``mask`` float32
+    (1, *dims) of 0/1 (all ones without a mask file), ``seg`` int64 (1, *dims). ``affine`` is the working-grid
+    affine of the fixed image, ``input_affine`` and ``input_shape`` its input geometry (to write outputs on the
+    input grid). The voxel grids of fixed and moving images are assumed to correspond (data affinely pre-aligned).
     """
 
     def __init__(self, data_path: PathLike, pairs_file: PathLike, dims: Sequence[int],

@@ -63,7 +63,7 @@ def _bounding_box(region: np.ndarray, margin: int) -> tuple[slice, slice, slice]
 
 
 def contour_distances(seg_a, seg_b, label: int, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Directed distances in mm: each contour voxel of A to the nearest of B (n_a,), each of B to the nearest of A (n_b,).
+    """Directed distances, mm: from each contour voxel of A to the nearest of B (n_a,), and from B to A (n_b,).
 
     Contours as in ``contour``; distances run between voxel centres, scaled by ``spacing`` (mm per array axis).
     Both empty when the label misses in either volume.

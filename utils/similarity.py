@@ -50,7 +50,8 @@ def lcc_map(fixed: torch.Tensor, warped: torch.Tensor, s: int = 1, window: torch
     """The reference's local squared normalised cross-correlation, voxelwise (B, 1, D, H, W).
 
     With K = ``window_sum`` and n = (2s+1)^3: mu_F = K(F) / n, mu_M = K(M) / n, then
-    cross = K((F - mu_F)(M - mu_M)), var_F = K((F - mu_F)^2), var_M = K((M - mu_M)^2), z = cross^2 / (var_F var_M + eps).
+    cross = K((F - mu_F)(M - mu_M)), var_F = K((F - mu_F)^2), var_M = K((M - mu_M)^2),
+    z = cross^2 / (var_F var_M + eps).
     A quirk kept for fidelity: each voxel of a window enters with its deviation from ITS OWN local mean, not from
     the mean of the centre voxel's window (that is ``lcc_map_textbook``). n stays (2s+1)^3 when the window is
     learnt, as in the reference (it divides by the window size, not by the sum of the weights).
