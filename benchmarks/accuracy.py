@@ -4,7 +4,8 @@
         --out benchmarks/results/accuracy_synthbrain.json [--checkpoint SSD=PATH ...] [--set KEY=VALUE ...]
 
 Without ``--checkpoint`` the metric is trained first with ``config_train_<M>.json``. Every step is timed.
-The table reports the mean over pairs and structures of the posterior-mean registration.
+The tables report means over pairs and structures of the posterior-mean registration, and of the samples of q_v
+(the figures the reference reported).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import test as test_script
 import train as train_script
 from utils.io import atomic_write_text
 
-QUANTITIES = ("dice", "asd_mm", "hd95_mm", "folding_percent", "log_jacobian_std")
+QUANTITIES = ("dice", "asd_mm", "hd95_mm", "folding_percent_mask", "folding_voxels_reference", "log_jacobian_std")
 
 
 def _timed(function, *args):
@@ -31,12 +32,14 @@ def _timed(function, *args):
 
 
 def _summary(folder: Path) -> dict:
-    """The posterior-mean metrics of a test run: overall means and per-structure mean Dice / ASD."""
+    """The metrics of a test run: overall means of the posterior mean and of the samples (what the reference
+    reported), and per-structure mean Dice / ASD of the posterior mean."""
     summary = json.loads((folder / "summary.json").read_text())
     mean = summary["metrics"]["mean"]
     return {
         "overall": {q: mean[q]["mean"] for q in QUANTITIES},
         "before": {q: summary["metrics"]["identity"][q]["mean"] for q in ("dice", "asd_mm", "hd95_mm")},
+        "samples": {q: summary["metrics"]["samples"][q]["mean"] for q in QUANTITIES},
         "per_structure": {name: {q: values["mean"][q] for q in ("dice", "asd_mm")}
                           for name, values in summary["per_structure"].items()},
         "uncertainty": {k: v for k, v in summary["uncertainty"].items() if k != "per_pair"},
@@ -44,14 +47,21 @@ def _summary(folder: Path) -> dict:
     }
 
 
-def run_metric(configs: Path, metric: str, checkpoint: str | None, overrides: list[str]) -> dict:
+def run_metric(configs: Path, metric: str, checkpoint: str | None, overrides: list[str],
+               baseline_only: bool = False) -> dict:
     """Train (unless a checkpoint is given), then register with the baseline and the learnt metric.
 
-    ``overrides`` (``KEY.PATH=VALUE``) apply to both registration runs, not to training.
+    ``overrides`` (``KEY.PATH=VALUE``) apply to both registration runs, not to training. ``baseline_only``: register
+    with the baseline metric only (no training).
     """
     folder = configs / metric
     sets = [arg for item in overrides for arg in ("--set", item)]
     result: dict = {"metric": metric, "test_overrides": overrides}
+    if baseline_only:
+        baseline, result["test_baseline_seconds"] = _timed(
+            test_script.main, ["-c", str(folder / f"config_test_baseline_{metric}.json"), *sets])
+        result["baseline"] = _summary(baseline)
+        return result
     if checkpoint is None:
         checkpoint, result["train_seconds"] = _timed(train_script.main, ["-c", str(folder / f"config_train_{metric}.json")])
     result["checkpoint"] = os.path.relpath(checkpoint)
@@ -69,6 +79,8 @@ def table(results: list[dict]) -> str:
     """Markdown table: overall and per-structure Dice / ASD, baseline vs learnt."""
     lines = ["| metric | structure | Dice baseline | Dice learnt | diff | ASD baseline (mm) | ASD learnt (mm) | diff |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if any("learnt" not in r for r in results):
+        return baseline_table(results)
     for r in results:
         rows = [("**all**", r["baseline"]["overall"], r["learnt"]["overall"])]
         rows += [(name, r["baseline"]["per_structure"][name], r["learnt"]["per_structure"][name])
@@ -77,12 +89,30 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['metric']} | {name} | {b['dice']:.3f} | {l['dice']:.3f} | {l['dice'] - b['dice']:+.3f} "
                          f"| {b['asd_mm']:.3f} | {l['asd_mm']:.3f} | {l['asd_mm'] - b['asd_mm']:+.3f} |")
     lines.append("")
-    lines.append("| metric | Dice before | folding % baseline | folding % learnt | std log detJ baseline | std log detJ learnt |")
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines.append("| metric | Dice before | Dice samples baseline | Dice samples learnt | ASD samples baseline | "
+                 "ASD samples learnt | det J < 0 voxels (reference) baseline | learnt | std log detJ baseline | "
+                 "learnt |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        b, l = r["baseline"]["overall"], r["learnt"]["overall"]
-        lines.append(f"| {r['metric']} | {r['baseline']['before']['dice']:.3f} | {b['folding_percent']:.4f} | "
-                     f"{l['folding_percent']:.4f} | {b['log_jacobian_std']:.4f} | {l['log_jacobian_std']:.4f} |")
+        b, l = r["baseline"], r["learnt"]
+        lines.append(f"| {r['metric']} | {b['before']['dice']:.3f} | {b['samples']['dice']:.3f} | "
+                     f"{l['samples']['dice']:.3f} | {b['samples']['asd_mm']:.3f} | {l['samples']['asd_mm']:.3f} | "
+                     f"{b['overall']['folding_voxels_reference']:.1f} | "
+                     f"{l['overall']['folding_voxels_reference']:.1f} | "
+                     f"{b['overall']['log_jacobian_std']:.4f} | {l['overall']['log_jacobian_std']:.4f} |")
+    return "\n".join(lines)
+
+
+def baseline_table(results: list[dict]) -> str:
+    """Markdown table of baseline-only runs: Dice / ASD before, of the posterior mean and of the samples."""
+    lines = ["| metric | structure | Dice before | Dice mean | Dice samples | ASD mean (mm) | ASD samples (mm) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        b = r["baseline"]
+        lines.append(f"| {r['metric']} | **all** | {b['before']['dice']:.3f} | {b['overall']['dice']:.3f} | "
+                     f"{b['samples']['dice']:.3f} | {b['overall']['asd_mm']:.3f} | {b['samples']['asd_mm']:.3f} |")
+        for name, values in b["per_structure"].items():
+            lines.append(f"| {r['metric']} | {name} | | {values['dice']:.3f} | | {values['asd_mm']:.3f} | |")
     return "\n".join(lines)
 
 
@@ -94,10 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="use this learnt metric instead of training one")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="config override for the registration runs (repeatable)")
+    parser.add_argument("--baseline-only", action="store_true", help="register with the baseline metrics only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_synthbrain.json"))
     args = parser.parse_args(argv)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    results = [run_metric(args.configs, metric, checkpoints.get(metric), args.set) for metric in args.metrics]
+    results = [run_metric(args.configs, metric, checkpoints.get(metric), args.set, args.baseline_only)
+               for metric in args.metrics]
     report = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")},
               "results": results, "table": table(results)}

@@ -104,10 +104,10 @@ class SubjectFiles:
 class PairDataset(Dataset):
     """Image pairs on the working grid ``dims``: each item holds ``fixed`` and ``moving`` {im, mask[, seg]}.
 
-    ``im`` is float32 (1, *dims) min-max rescaled to [0, 1] (before resampling), ``mask`` float32 (1, *dims) of 0/1
-    (all ones without a mask file), ``seg`` int64 (1, *dims). ``affine`` is the working-grid affine of the fixed
-    image, ``input_affine`` and ``input_shape`` its input geometry (to write outputs on the input grid). The
-    voxel grids of fixed and moving images are assumed to correspond (data affinely pre-aligned).
+    ``im`` is float32 (1, *dims) min-max rescaled to [0, 1] after resampling (as the reference), ``mask`` float32
+    (1, *dims) of 0/1 (all ones without a mask file), ``seg`` int64 (1, *dims). ``affine`` is the working-grid
+    affine of the fixed image, ``input_affine`` and ``input_shape`` its input geometry (to write outputs on the
+    input grid). The voxel grids of fixed and moving images are assumed to correspond (data affinely pre-aligned).
     """
 
     def __init__(self, data_path: PathLike, pairs_file: PathLike, dims: Sequence[int],
@@ -202,11 +202,13 @@ class PairDataset(Dataset):
             return self._cache[subject]
         files = self.subjects[subject]
         im, _ = load_nifti(files.im, "image")
-        low, high = float(im.min()), float(im.max())
+        # as the reference: pad and resize first, then min-max rescale the working-grid image to [0, 1]
+        working = resample_to_working(im, files.input_shape, self.dims, "linear")
+        low, high = float(working.min()), float(working.max())
         if high <= low:
-            raise ValueError(f"{files.im}: constant image (all voxels {low}), cannot min-max rescale")
-        im = (im - low) / (high - low)
-        loaded = {"im": resample_to_working(im, files.input_shape, self.dims, "linear")}
+            raise ValueError(f"{files.im}: constant image (all voxels {low} on the working grid), "
+                             f"cannot min-max rescale")
+        loaded = {"im": (working - low) / (high - low)}
         if files.mask is not None:
             mask, _ = load_nifti(files.mask, "mask")
             self._check_shape(mask, files.mask, im.shape, files.im)

@@ -75,8 +75,13 @@ class Energy(nn.Module):
 
     @torch.no_grad()
     def sample_warped(self, q_v: QV, moving: torch.Tensor) -> torch.Tensor:
-        """M o phi for one sample v ~ q_v (smoothed, with noise), for the theta/q_f step."""
-        return self.warp_moving(moving, self.displacement(q_v.sample()[0]), noisy=True)
+        """Three warps M o phi (3B, 1, D, H, W) of one sample v ~ q_v (smoothed), for the theta/q_f step.
+
+        As in the reference, each of the three energy terms of the contrastive loss warps M anew, so each gets its
+        own draw of the uniform noise; the velocity sample and its transformation are shared.
+        """
+        displacement = self.displacement(q_v.sample()[0]).repeat(3, 1, 1, 1, 1)
+        return self.warp_moving(moving.repeat(3, 1, 1, 1, 1), displacement, noisy=True)
 
 
 class ContrastiveLoss(nn.Module):
@@ -91,10 +96,11 @@ class ContrastiveLoss(nn.Module):
         self.similarity, self.q_f = similarity, q_f
 
     def forward(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """fixed, mask (B, 1, D, H, W); warped (3B, 1, D, H, W): the warps of ``Energy.sample_warped``, one per term."""
         batch = fixed.shape[0]
         fixed_1, fixed_2 = self.q_f(fixed)
         fixed_features = self.similarity.features(torch.cat([fixed, fixed_1, fixed_2]))
-        warped_features = self.similarity.features(warped).repeat(3, 1, 1, 1, 1)
+        warped_features = self.similarity.features(warped)
         energy = self.similarity.data_term_from_features(fixed_features, warped_features,
                                                          mask.repeat(3, 1, 1, 1, 1)).view(3, batch)
         return (energy[0] - 0.5 * (energy[1] + energy[2])).sum() / batch

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from utils.similarity import lcc_data_term, lcc_map, ssd_data_term, ssd_map
+from utils.similarity import LCC_FORMS, lcc_data_term, lcc_map, lcc_map_textbook, ssd_data_term, ssd_map
 
 DIRAC_NOISE = 1e-7  # scale of the off-centre weights, biases and aggregation noise at initialisation
 
@@ -89,17 +89,24 @@ class _FrozenConv3d(torch.autograd.Function):
 class SimilarityMetric(nn.Module):
     """Data term of SSD (0.5 sum z) or LCC (-sum z) inside the fixed mask, on f(images).
 
-    With ``learnable=False`` f is the identity (the baseline metric) and the module has no parameters.
+    With ``learnable=False`` f is the identity (the baseline metric) and the module has no parameters; LCC then
+    sums over a fixed box of ones. The learnt LCC also learns its (2s+1)^3 window ``window`` (ones at the start),
+    as the reference trains every parameter of the model with theta. ``lcc_form``: ``reference`` (the default,
+    METHOD.md) or ``textbook`` (window-centred), see utils.similarity.
     """
 
     def __init__(self, kind: str, learnable: bool, s: int = 1, no_features: Sequence[int] = (4, 8, 8),
-                 negative_slope: float = 0.2, channels_last: bool = False):
+                 negative_slope: float = 0.2, channels_last: bool = False, lcc_form: str = "reference"):
         super().__init__()
         if kind not in ("SSD", "LCC"):
             raise ValueError(f"unknown similarity metric {kind!r}: expected 'SSD' or 'LCC'")
-        self.kind, self.s = kind, s
+        if lcc_form not in LCC_FORMS:
+            raise ValueError(f"unknown LCC form {lcc_form!r}: expected one of {LCC_FORMS}")
+        self.kind, self.s, self.lcc_form = kind, s, lcc_form
         self.features = (FeatureExtractor(no_features, negative_slope, channels_last) if learnable
                          else nn.Identity())
+        size = 2 * s + 1
+        self.window = (nn.Parameter(torch.ones(1, 1, size, size, size)) if learnable and kind == "LCC" else None)
         self.no_features, self.negative_slope, self.channels_last = list(no_features), negative_slope, channels_last
 
     @property
@@ -109,13 +116,14 @@ class SimilarityMetric(nn.Module):
     def config(self) -> dict:
         """The constructor arguments, JSON-serialisable: ``SimilarityMetric(**metric.config())`` rebuilds it."""
         return {"kind": self.kind, "learnable": self.learnable, "s": self.s, "no_features": self.no_features,
-                "negative_slope": self.negative_slope, "channels_last": self.channels_last}
+                "negative_slope": self.negative_slope, "channels_last": self.channels_last, "lcc_form": self.lcc_form}
 
     def z_map(self, fixed_features: torch.Tensor, warped_features: torch.Tensor) -> torch.Tensor:
         """Voxelwise similarity map z (B, 1, D, H, W) of two feature images."""
         if self.kind == "SSD":
             return ssd_map(fixed_features, warped_features)
-        return lcc_map(fixed_features, warped_features, self.s)
+        lcc = lcc_map if self.lcc_form == "reference" else lcc_map_textbook
+        return lcc(fixed_features, warped_features, self.s, self.window)
 
     def data_term_from_features(self, fixed_features: torch.Tensor, warped_features: torch.Tensor,
                                 mask: torch.Tensor) -> torch.Tensor:

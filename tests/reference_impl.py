@@ -79,9 +79,10 @@ def sobolev_3d(x: torch.Tensor, kernel_1d: torch.Tensor) -> torch.Tensor:
     return F.conv3d(F.pad(x, [r] * 6, mode="replicate"), kernel.expand(channels, 1, *kernel.shape), groups=channels)
 
 
-def box_3d(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Sum over the (2s+1)^3 window, replicate padding, one channel at a time."""
-    kernel = torch.ones(1, 1, 2 * s + 1, 2 * s + 1, 2 * s + 1, dtype=x.dtype)
+def box_3d(x: torch.Tensor, s: int, kernel: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the (2s+1)^3 window (weights ``kernel`` (1, 1, k, k, k), else ones), replicate padding, per channel."""
+    if kernel is None:
+        kernel = torch.ones(1, 1, 2 * s + 1, 2 * s + 1, 2 * s + 1, dtype=x.dtype)
     return torch.cat([F.conv3d(F.pad(x[:, c:c + 1], [s] * 6, mode="replicate"), kernel) for c in range(x.shape[1])], 1)
 
 
@@ -97,27 +98,23 @@ def features(image: torch.Tensor, extractor) -> torch.Tensor:
 
 
 def data_term(kind: str, fixed_features: torch.Tensor, warped_features: torch.Tensor, mask: torch.Tensor,
-              s: int = 1) -> torch.Tensor:
-    """SSD: 0.5 sum z, LCC: -sum z, inside the mask, per pair."""
+              s: int = 1, window: torch.Tensor | None = None) -> torch.Tensor:
+    """SSD: 0.5 sum z, LCC: -sum z (the reference's form, each voxel minus its own local mean), inside the mask."""
     if kind == "SSD":
         return 0.5 * ((fixed_features - warped_features) ** 2 * mask).sum(dim=(1, 2, 3, 4))
     n = float((2 * s + 1) ** 3)
-    f, w = fixed_features, warped_features
-    f_sum, w_sum = box_3d(f, s), box_3d(w, s)
-    cross = box_3d(f * w, s) - f_sum * w_sum / n
-    var_f = box_3d(f * f, s) - f_sum ** 2 / n
-    var_w = box_3d(w * w, s) - w_sum ** 2 / n
+    f = fixed_features - box_3d(fixed_features, s, window) / n
+    w = warped_features - box_3d(warped_features, s, window) / n
+    cross, var_f, var_w = box_3d(f * w, s, window), box_3d(f * f, s, window), box_3d(w * w, s, window)
     return -(cross ** 2 / (var_f * var_w + 1e-5) * mask).sum(dim=(1, 2, 3, 4))
 
 
 def regulariser(v: torch.Tensor, w_reg: float) -> torch.Tensor:
-    """0.5 w_reg sum of squared forward differences, replicate padding at the far edge, per pair."""
+    """0.5 w_reg sum of squared forward differences, each difference array replicate-padded at the far edge."""
     total = 0.0
     for axis in (2, 3, 4):
-        pad = [0] * 6
-        pad[2 * (4 - axis) + 1] = 1  # one voxel at the far end of this axis
-        padded = F.pad(v, pad, mode="replicate")
-        forward = padded.narrow(axis, 1, v.shape[axis]) - v
+        forward = v.narrow(axis, 1, v.shape[axis] - 1) - v.narrow(axis, 0, v.shape[axis] - 1)
+        forward = torch.cat([forward, forward.narrow(axis, -1, 1)], dim=axis)  # the last difference again
         total = total + (forward ** 2).sum(dim=(1, 2, 3, 4))
     return 0.5 * w_reg * total
 
@@ -144,7 +141,7 @@ def draw(shape: Sequence[int], dims: Sequence[int], dtype: torch.dtype) -> tuple
 
 def q_v_loss(mu: torch.Tensor, log_var: torch.Tensor, u: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
              mask: torch.Tensor, *, kind: str, extractor, w_reg: float, sobolev_kernel: torch.Tensor | None,
-             noise_magnitude: float, cps: Sequence[int] | None = None,
+             noise_magnitude: float, cps: Sequence[int] | None = None, window: torch.Tensor | None = None,
              draws: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Sum over the B pairs of (data1 + data2)/2 + (reg1 + reg2)/2 - [(ent1 + ent2)/2 + ent_closed_form].
 
@@ -164,7 +161,7 @@ def q_v_loss(mu: torch.Tensor, log_var: torch.Tensor, u: torch.Tensor, fixed: to
         velocity = smoothed if cps is None else bspline_dense(smoothed, dims, cps)
         displacement = scaling_and_squaring(velocity) + noise[i * batch:(i + 1) * batch]
         warped = sample(moving, identity_grid(dims, moving.dtype) + voxel_to_grid(displacement))
-        data = data_term(kind, fixed_features, features(warped, extractor), mask)
+        data = data_term(kind, fixed_features, features(warped, extractor), mask, window=window)
         loss = loss + 0.5 * (data + regulariser(smoothed, w_reg) - entropy_sample(v, mu, log_var, u))
     return loss.sum()
 

@@ -55,6 +55,9 @@ def test_round_trip(tmp_path, kind):
     load_similarity(fresh, checkpoint, str(path))
     for key, value in similarity.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
+    if kind == "LCC":  # the learnt window is saved and loaded with theta, and it has moved off the box of ones
+        assert "window" in raw["model"] and not torch.equal(raw["model"]["window"], torch.ones(1, 1, 3, 3, 3))
+        assert torch.equal(fresh.window, similarity.window)
     fresh_q_f = QF(SHAPE)
     fresh_q_f.load_state_dict(checkpoint["q_f"])
     assert torch.equal(fresh_q_f.u, q_f.u) and torch.equal(fresh_q_f.log_var, q_f.log_var)
@@ -146,3 +149,11 @@ def test_load_similarity_rejects_other_shapes(tmp_path, saved, configured):
     with pytest.raises(CheckpointError, match="no_features") as error:
         load_similarity(target, load_checkpoint(path), str(path))
     assert str(path) in str(error.value)
+
+
+def test_lcc_checkpoint_of_the_other_form_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save(path, "LCC")
+    textbook = SimilarityMetric("LCC", learnable=True, lcc_form="textbook")
+    with pytest.raises(CheckpointError, match="textbook"):
+        load_similarity(textbook, load_checkpoint(path), str(path))

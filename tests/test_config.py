@@ -324,3 +324,50 @@ def test_reference_voxelmorph_configs_parse_as_their_kind(path):
         metric = path.parent.name
         assert config.data_loss.type == metric
         assert config.data_loss.args.checkpoint == (f"pretrained:{metric}_learnt" if "learnt" in path.stem else None)
+
+
+# the reference's twelve settings (dgrzech/learnsim configs/{SVF,SVFFD}/{SSD,LCC}/), written out here by hand
+REFERENCE_W_REG = {("SVF", "SSD"): 1.8, ("SVF", "LCC"): 2.8, ("SVFFD", "SSD"): 1.4, ("SVFFD", "LCC"): 2.0}
+REFERENCE_Q_V = {("SVF", "LCC"): (0.02, 1344)}  # (q_v lr, q_v iterations); every other setting: (0.01, 1024)
+REFERENCE_RUNS = {"train": (True, 50), "test_baseline": (False, 1), "test_learnt": (True, 1)}  # learnable, epochs
+
+
+def _get(data: dict, key_path: str):
+    node = data
+    for key in key_path.split("."):
+        assert isinstance(node, dict) and key in node, f"missing key {key_path}"
+        node = node[key]
+    return node
+
+
+@pytest.mark.parametrize("model", ["SVF", "SVFFD"])
+@pytest.mark.parametrize("metric", ["SSD", "LCC"])
+@pytest.mark.parametrize("run", list(REFERENCE_RUNS))
+def test_reference_configs_carry_the_reference_values(model, metric, run):
+    data = json.loads((ROOT / "configs" / model / metric / f"config_{run}_{metric}.json").read_text())
+    learnable, epochs = REFERENCE_RUNS[run]
+    lr_q_v, iterations = REFERENCE_Q_V.get((model, metric), (0.01, 1024))
+    expected = {
+        "reg_loss.args.w_reg": REFERENCE_W_REG[(model, metric)],
+        "optimizer_q_v.args.lr": lr_q_v, "trainer.no_iters_q_v": iterations, "trainer.no_epochs": epochs,
+        "data_loader.args.batch_size": 5, "data_loader.args.dims": [128, 128, 128],
+        "data_loader.args.sigma_v_init": 0.5, "data_loader.args.u_v_init": 0.1,
+        "trainer.uniform_noise.enabled": True, "trainer.uniform_noise.magnitude": 0.1,
+        "trainer.no_samples_test": 5, "Sobolev_grad.enabled": True, "Sobolev_grad.s": 3, "Sobolev_grad.lambda": 0.5,
+        "model.args.learnable": learnable, "model.type": f"CNN_{metric}", "data_loss.type": metric,
+        "transformation_module.type": f"{model}_3D",
+    }
+    if model == "SVFFD":
+        expected["transformation_module.args.cps"] = [2, 2, 2]
+    if model == "SVF" or "no_steps" in data["transformation_module"].get("args", {}):
+        expected["transformation_module.args.no_steps"] = 12
+    if metric == "LCC":
+        expected["model.args.s"] = 1
+    if learnable:
+        expected.update({"optimizer_q_phi.args.lr": 1e-5, "optimizer_q_f.args.lr": 1e-3, "q_f.args.sigma_init": 0.1,
+                         "q_f.args.u_init": 0.1, "model.args.no_features": [4, 8, 8],
+                         "model.args.activation.args.negative_slope": 0.2})
+    found = {key: _get(data, key) for key in expected}
+    assert found == expected
+    assert "cps" not in data["transformation_module"].get("args", {}) or model == "SVFFD"
+    assert _get(data, "model.args").get("lcc_form", "reference") == "reference"

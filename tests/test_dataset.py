@@ -112,16 +112,20 @@ def test_resampling_to_other_dims_keeps_labels_and_geometry(demo):
     assert 0.0 <= item["moving"]["im"].min() and item["moving"]["im"].max() <= 1.0
 
 
-def test_rescaling_happens_before_resampling(small):
+def test_rescaling_happens_after_resampling(small):
+    """The reference pads and resizes first, then min-max rescales: the zero padding of the cube becomes 0."""
     im = np.full(SHAPE, 100.0, dtype=np.float32)
     im[3:7, 4:8, 2:6] = 300.0
     write_subject(small, "A", im=im)
     data = PairDataset(small, "pairs.csv", (16, 16, 16))
     fixed = data[0]["fixed"]["im"]
-    # 100 -> 0 and 300 -> 1 on the input grid; rescaling after resampling would see the zero padding as the min
-    assert fixed.max() == pytest.approx(1.0)
-    expected = resample_to_working((im - 100) / 200, SHAPE, (16, 16, 16), "linear")
+    working = resample_to_working(im, SHAPE, (16, 16, 16), "linear")
+    assert working.min() == 0.0  # the padding: rescaling before resampling would have mapped 100 to 0 instead
+    expected = (working - working.min()) / (working.max() - working.min())
     np.testing.assert_allclose(fixed[0].numpy(), expected, atol=1e-6)
+    assert fixed.min() == 0.0 and fixed.max() == pytest.approx(1.0)
+    inside = np.isclose(working, 100.0)  # voxels of value 100: 1/3 of the way from the padding's 0 to 300
+    assert inside.any() and np.allclose(fixed[0].numpy()[inside], 1.0 / 3.0, atol=1e-6)
 
 
 def test_optional_mask_and_seg(small):

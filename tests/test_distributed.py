@@ -1,6 +1,7 @@
-"""Two gloo processes on one CPU: pairs are sharded, and theta and q_f stay identical on every rank."""
+"""Two gloo processes on one CPU: pairs are sharded, gradients are averaged, theta and q_f stay identical."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -25,6 +26,7 @@ def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    from tests.test_energy import recorded_step
     from trainer.run_folder import create_run_folder
     from trainer.trainer import Trainer
     from utils.config import load_config
@@ -34,7 +36,7 @@ def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: st
     config = load_config(config_path)
     folder = create_run_folder(config.trainer.save_dir, config.name, "train", context)
     trainer = Trainer(config, folder, context)
-    pairs_seen = []
+    pairs_seen, steps = [], []
     original = trainer.train_batch
 
     def recording(batch, epoch, index):
@@ -42,22 +44,58 @@ def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: st
         return original(batch, epoch, index)
 
     trainer.train_batch = recording
+    recorded_step(trainer, steps)
+    gradients, theta_step = [], trainer.optimizer_theta.step
+
+    def stepping(*args, **kwargs):  # the gradients that theta and q_f step with, after DDP's all-reduce
+        gradients.append({name: p.grad.clone() for name, p in trainer.contrastive.named_parameters()})
+        return theta_step(*args, **kwargs)
+
+    trainer.optimizer_theta.step = stepping
     trainer.train()
-    torch.save({"model": trainer.similarity.state_dict(), "q_f": trainer.q_f.state_dict(),
-                "pairs": pairs_seen, "folder": str(folder)}, f"{out}/rank{rank}.pt")
+    torch.save({"model": trainer.similarity.state_dict(), "q_f": trainer.q_f.state_dict(), "pairs": pairs_seen,
+                "steps": steps, "gradients": gradients, "folder": str(folder)}, f"{out}/rank{rank}.pt")
     teardown()
 
 
-def test_two_gloo_ranks_end_with_identical_theta_and_q_f(tmp_path):
+def test_two_gloo_ranks_step_with_the_mean_gradient_of_their_pairs(tmp_path):
+    """Each rank takes one batch of its own pairs; both step with the mean of the two ranks' contrastive gradients
+    (replayed in this process from each rank's recorded inputs and random state) and end where one process
+    stepping with that mean gradient ends."""
+    from tests.test_energy import adam_step, replayed_gradients
+    from utils.config import load_config
+
     config_path = tiny_config(tmp_path, subjects=5, no_epochs=1, no_iters_q_v=2)
+    config = load_config(config_path)
+    config.data_loader.args.batch_size = 2
+    config_path.write_text(json.dumps(config.to_dict()))
     mp.spawn(_train_rank, args=(2, _free_port(), str(config_path), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["folder"] == rank1["folder"], "ranks wrote to different run folders"
     assert set(rank0["pairs"]).isdisjoint(rank1["pairs"]), "pairs were not sharded"
-    assert len(rank0["pairs"]) + len(rank1["pairs"]) == 4
+    assert len(rank0["pairs"]) == len(rank1["pairs"]) == 2
+    assert len(rank0["steps"]) == len(rank1["steps"]) == 1
     for part in ("model", "q_f"):
         for key, value in rank0[part].items():
             assert torch.equal(value, rank1[part][key]), f"{part}.{key} differs between ranks"
+            assert torch.equal(rank0["steps"][0][part][key], rank1["steps"][0][part][key]), "ranks started apart"
+
+    contrastive, gradients_0 = replayed_gradients(config, rank0["steps"][0])
+    _, gradients_1 = replayed_gradients(config, rank1["steps"][0])
+    mean = [(g0 + g1) / 2 for g0, g1 in zip(gradients_0, gradients_1)]
+    names = [name for name, _ in contrastive.named_parameters()]
+    for rank in (rank0, rank1):
+        assert list(rank["gradients"][0]) == names
+        for name, gradient in zip(names, mean):
+            torch.testing.assert_close(rank["gradients"][0][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+    for name, g0, g1 in zip(names, gradients_0, gradients_1):  # so the mean is neither rank's own gradient
+        if name in ("similarity.features.aggregation.weight", "q_f.u"):
+            assert not torch.allclose(g0, g1, rtol=1e-2), f"the ranks' gradients of {name} coincide"
+    expected = adam_step(contrastive, mean, config)
+    final = {**{f"similarity.{k}": v for k, v in rank0["model"].items()},
+             **{f"q_f.{k}": v for k, v in rank0["q_f"].items()}}
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-9, msg=name)
     initial = torch.load(next(tmp_path.rglob("checkpoint_epoch1.pt")), weights_only=True)["model"]
     assert all(torch.equal(initial[k], rank0["model"][k]) for k in initial)
 

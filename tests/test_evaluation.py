@@ -110,8 +110,9 @@ def test_voxel_spacing_is_the_column_norms():
 
 def row(pair, sample, structure, dice, asd, folding=0, status="ok"):
     return {"pair_id": pair, "fixed_id": "f", "moving_id": pair, "sample": sample, "structure": structure,
-            "label": 1, "status": status, "dice": dice, "asd_mm": asd, "hd95_mm": 2 * asd, "folding_voxels": folding,
-            "folding_percent": folding / 10, "log_jacobian_std": 0.1}
+            "label": 1, "status": status, "dice": dice, "asd_mm": asd, "hd95_mm": 2 * asd,
+            "folding_voxels_reference": 2 * folding, "folding_percent_reference": folding / 5,
+            "folding_voxels_mask": folding, "folding_percent_mask": folding / 10, "log_jacobian_std": 0.1}
 
 
 def test_summary_ignores_missing_structures_and_counts_transformations_once():
@@ -126,11 +127,19 @@ def test_summary_ignores_missing_structures_and_counts_transformations_once():
     mean = summary["metrics"]["mean"]
     assert mean["dice"] == {"mean": pytest.approx(1.6 / 3), "median": 0.7, "n": 3}
     assert mean["asd_mm"]["n"] == 2
-    assert mean["folding_voxels"] == {"mean": 3.0, "median": 3.0, "n": 2}  # per pair, not per structure
+    assert mean["folding_voxels_mask"] == {"mean": 3.0, "median": 3.0, "n": 2}  # per pair, not per structure
+    assert mean["folding_voxels_reference"] == {"mean": 6.0, "median": 6.0, "n": 2}
     assert summary["metrics"]["samples"]["dice"]["mean"] == pytest.approx(0.7)
     assert summary["per_structure"]["b"]["identity"] == {"dice": None, "asd_mm": None, "hd95_mm": None}
     assert summary["per_structure"]["b"]["mean"]["dice"] == 0.0
     assert summary["mean_dice_before"] == 0.5 and summary["mean_dice_after"] == pytest.approx(1.6 / 3)
+    assert summary["mean_dice_samples"] == pytest.approx(0.7)
+    headline = summary["headline"]
+    assert headline["samples"] == {"dice": pytest.approx(0.7), "asd_mm": pytest.approx(0.5),
+                                   "folding_voxels_reference": 0.0}
+    assert headline["posterior_mean"] == {"dice": pytest.approx(1.6 / 3), "asd_mm": pytest.approx(0.4),
+                                          "folding_voxels_reference": 6.0}
+    assert "reference reported" in headline["note"]
     assert len(summary["missing_structures"]) == 3
     assert summary["uncertainty"]["mean"] == {"mean_uncertainty_structures": 1.0,
                                               "uncertainty_disagreement_auc": 0.7}
@@ -139,6 +148,11 @@ def test_summary_ignores_missing_structures_and_counts_transformations_once():
 
     table = format_table(summary)
     lines = table.splitlines()
-    assert lines[0].split()[:3] == ["structure", "Dice", "before"]
+    assert "samples" in lines[0] and "posterior-mean" in lines[0] and "reference reported" in lines[0]
+    assert lines[1].split() == ["structure", "Dice", "before", "Dice", "mean", "Dice", "samples", "ASD", "mm", "mean",
+                                "ASD", "mm", "samples", "HD95", "mm", "mean"]
     assert next(line for line in lines if line.startswith("b ")).split()[1] == "n/a"
+    all_line = next(line for line in lines if line.startswith("all structures")).split()[2:]
+    assert all_line == ["0.500", "0.533", "0.700", "0.40", "0.50", "0.80"]
+    assert "(the reference's count): 6.0 voxels (posterior mean), 0.0 (samples)" in table
     assert "3 structure(s) missing" in table

@@ -80,10 +80,12 @@ def plain(energy: Energy, q_v: QV, fixed, moving, mask, seed: int, dtype: torch.
     draws = [d.to(dtype) for d in reference.draw(q_v.mu.shape, moving.shape[2:], q_v.mu.dtype)]
     extractor = copy.deepcopy(energy.similarity.features).to(dtype) if energy.similarity.learnable else None
     cps = energy.transformation.cps if isinstance(energy.transformation, SVFFD) else None
+    window = None if energy.similarity.window is None else energy.similarity.window.detach().to(dtype)
     params = [p.detach().to(dtype).requires_grad_() for p in (q_v.mu, q_v.log_var, q_v.u)]
     loss = reference.q_v_loss(*params, fixed.to(dtype), moving.to(dtype), mask.to(dtype), kind=energy.similarity.kind,
                               extractor=extractor, w_reg=energy.w_reg, sobolev_kernel=energy.sobolev_kernel.to(dtype),
-                              noise_magnitude=energy.noise_magnitude, cps=cps, draws=draws)
+                              noise_magnitude=energy.noise_magnitude, cps=cps, window=window,
+                              draws=draws)
     grads = torch.autograd.grad(loss, params)
     return loss.detach(), grads
 

@@ -86,7 +86,9 @@ def write_metrics(folder, dice_by_structure: dict, sample: str = "mean") -> None
                     writer.writerow({"pair_id": f"p{k}", "fixed_id": "f", "moving_id": f"m{k}", "sample": kind,
                                      "structure": structure, "label": 1, "status": "ok",
                                      "dice": value if kind != "identity" else 0.1, "asd_mm": 1 - value,
-                                     "hd95_mm": 2 - value, "folding_voxels": 0, "folding_percent": 0.0,
+                                     "hd95_mm": 2 - value, "folding_voxels_reference": 0,
+                                     "folding_percent_reference": 0.0, "folding_voxels_mask": 0,
+                                     "folding_percent_mask": 0.0,
                                      "log_jacobian_std": 0.1})
 
 

@@ -7,12 +7,12 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from utils.metrics import (contour, contour_distances, dice, evaluate_pair, folding, jacobian_determinant,
-                           log_jacobian_std, surface_distances)
+from utils.metrics import (contour, contour_distances, dice, evaluate_pair, folding, folding_reference,
+                           jacobian_determinant, jacobian_determinant_forward, log_jacobian_std, surface_distances)
 
 SHAPE = (24, 28, 32)
 SPACING = (1.0, 1.5, 2.0)  # mm along array axes 0, 1, 2; SimpleITK wants it reversed (x, y, z)
-MARGIN = 2  # keep labels off the border: sitk.LabelContour does not count the border as outside
+MARGIN = 2  # labels off the border (tests at the border are separate)
 
 
 def blobby_pair(seed: int, no_labels: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +36,14 @@ def to_sitk(array: np.ndarray, spacing=SPACING) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
     return image
+
+
+def sitk_average_hausdorff(seg_a, seg_b, label, spacing=SPACING) -> float:
+    """The reference's ASD: SimpleITK's HausdorffDistanceImageFilter on the two LabelContour images."""
+    contours = [sitk.LabelContour(to_sitk((seg == label).astype(np.uint8), spacing)) for seg in (seg_a, seg_b)]
+    hausdorff = sitk.HausdorffDistanceImageFilter()
+    hausdorff.Execute(contours[0], contours[1])
+    return hausdorff.GetAverageHausdorffDistance()
 
 
 def sitk_contour_distances(seg_a, seg_b, label, spacing=SPACING) -> tuple[np.ndarray, np.ndarray, float]:
@@ -104,11 +112,14 @@ def test_contour_matches_sitk_label_contour(label):
     np.testing.assert_array_equal(contour(seg == label), expected)
 
 
-def test_contour_treats_border_as_outside():
-    full = np.ones((5, 6, 7), bool)
-    shell = contour(full)
-    assert shell.sum() == full.size - 3 * 4 * 5
-    assert not shell[1:-1, 1:-1, 1:-1].any()
+def test_contour_at_the_volume_border_is_sitk_label_contour():
+    """LabelContour does not count the space beyond the border as outside: a slab on the border has one face."""
+    slab = np.zeros((6, 7, 8), bool)
+    slab[:3] = True
+    expected = sitk.GetArrayFromImage(sitk.LabelContour(to_sitk(slab.astype(np.uint8)))) > 0
+    np.testing.assert_array_equal(contour(slab), expected)
+    assert contour(slab).sum() == 7 * 8 and contour(slab)[2].all()
+    assert not contour(np.ones((5, 6, 7), bool)).any()
 
 
 @pytest.mark.parametrize("seed,label", [(0, 1), (0, 3), (1, 2), (1, 4)])
@@ -117,13 +128,40 @@ def test_surface_distances_match_sitk(seed, label):
     a_to_b, b_to_a, hausdorff = sitk_contour_distances(seg_a, seg_b, label)
     union = np.concatenate([a_to_b, b_to_a]).astype(np.float64)
 
-    distances = contour_distances(seg_a, seg_b, label, SPACING)
-    np.testing.assert_allclose(distances, union, rtol=1e-6, atol=1e-5)  # Maurer maps are float32
+    ours_a_to_b, ours_b_to_a = contour_distances(seg_a, seg_b, label, SPACING)
+    np.testing.assert_allclose(ours_a_to_b, a_to_b, rtol=1e-6, atol=1e-5)  # Maurer maps are float32
+    np.testing.assert_allclose(ours_b_to_a, b_to_a, rtol=1e-6, atol=1e-5)
+    distances = np.concatenate([ours_a_to_b, ours_b_to_a])
     asd, hd95 = surface_distances(seg_a, seg_b, label, SPACING)
-    assert asd == pytest.approx(union.mean(), rel=1e-6)
+    assert asd == pytest.approx(sitk_average_hausdorff(seg_a, seg_b, label), rel=1e-6)
+    assert asd == pytest.approx(0.5 * (a_to_b.mean() + b_to_a.mean()), rel=1e-6)
+    assert abs(asd - union.mean()) > 1e-5 * asd  # the mean of the directed means, not of the pooled distances
     assert hd95 == pytest.approx(np.percentile(union, 95), rel=1e-6)
     assert distances.max() == pytest.approx(hausdorff, rel=1e-6)
     assert 0.0 < asd < hd95 <= distances.max()
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.3, 3.3, 3.3), (0.8, 2.5, 1.7)])
+def test_asd_is_sitk_average_hausdorff_at_the_border_and_any_spacing(spacing):
+    """Labels that touch the volume border and an anisotropic spacing: still SimpleITK's figure."""
+    seg_a, seg_b = blobby_pair(4, no_labels=2)
+    seg_a[:3, 5:12, 6:14], seg_b[:2, 6:13, 6:15] = 1, 1  # label 1 reaches the border in both
+    for label in (1, 2):
+        asd, _ = surface_distances(seg_a, seg_b, label, spacing)
+        assert asd == pytest.approx(sitk_average_hausdorff(seg_a, seg_b, label, spacing), rel=1e-6)
+
+
+def test_asd_is_the_mean_of_the_two_directed_means():
+    """A small cube inside a big one: 98 contour voxels at 3 voxels from the big contour, 488 big-contour voxels at
+    3 voxels or more from the small one; the pooled mean would weight the big contour 5x more."""
+    big, small = cube(size=10), cube(start=(9, 10, 11), size=4)
+    a_to_b, b_to_a = contour_distances(big, small, 1, (1.0, 1.0, 1.0))
+    assert a_to_b.size == 10 ** 3 - 8 ** 3 and b_to_a.size == 4 ** 3 - 2 ** 3
+    np.testing.assert_allclose(b_to_a, 3.0)
+    asd, _ = surface_distances(big, small, 1, (1.0, 1.0, 1.0))
+    assert asd == pytest.approx(0.5 * (a_to_b.mean() + 3.0))
+    assert asd == pytest.approx(sitk_average_hausdorff(big, small, 1, (1.0, 1.0, 1.0)), rel=1e-6)
+    assert asd < np.concatenate([a_to_b, b_to_a]).mean() - 0.1
 
 
 def test_surface_distances_identical_are_zero():
@@ -136,7 +174,7 @@ def test_surface_distances_identical_are_zero():
 def test_shifted_cube_hausdorff_is_shift_times_spacing(axis, k):
     shift = [0, 0, 0]
     shift[axis] = k
-    distances = contour_distances(cube(), cube(shift=tuple(shift)), 1, SPACING)
+    distances = np.concatenate(contour_distances(cube(), cube(shift=tuple(shift)), 1, SPACING))
     assert distances.max() == pytest.approx(k * SPACING[axis])
     asd, hd95 = surface_distances(cube(), cube(shift=tuple(shift)), 1, SPACING)
     assert 0.0 < asd < hd95 <= k * SPACING[axis] + 1e-12
@@ -192,6 +230,44 @@ def test_jacobian_matches_numpy_gradient():
     assert np.ptp(expected) > 0.5 and (expected <= 0).any()  # a field that really varies, and folds
 
 
+def reference_det_j(displacement: np.ndarray) -> np.ndarray:
+    """Transcription of the reference's det J: forward differences of the transformation, each difference array
+    edge-padded at the far end (F.pad replicate), then the 3x3 determinant written out."""
+    jacobian = np.empty(displacement.shape[1:] + (3, 3))
+    for j in range(3):
+        pad = [(0, 0)] * 4
+        pad[j + 1] = (0, 1)
+        jacobian[..., j] = np.moveaxis(np.pad(np.diff(displacement, axis=j + 1), pad, mode="edge"), 0, -1)
+    return np.linalg.det(jacobian + np.eye(3))
+
+
+def test_forward_jacobian_matches_the_reference_transcription():
+    rng = np.random.default_rng(1)
+    field = 20.0 * ndimage.gaussian_filter(rng.standard_normal((3, 10, 12, 14)), sigma=(0, 2, 2, 2))
+    det_j = jacobian_determinant_forward(torch.from_numpy(field).unsqueeze(0))[0]
+    expected = reference_det_j(field)
+    np.testing.assert_allclose(det_j.numpy(), expected, rtol=1e-10, atol=1e-10)
+    assert folding_reference(det_j) == (int((expected < 0).sum()), 100.0 * (expected < 0).sum() / expected.size)
+    assert 0 < (expected < 0).sum() < expected.size
+    affine = affine_displacement(np.array([[1.0, 0.3, -0.2], [0.0, 0.9, 0.4], [0.1, 0.0, 1.1]]), (0.5, 0, 1))
+    torch.testing.assert_close(jacobian_determinant_forward(affine), jacobian_determinant(affine))
+
+
+def test_reference_folding_is_strict_and_over_the_whole_volume():
+    det_j = torch.ones(5, 6, 7, dtype=torch.float64)
+    det_j[0, 0, :3] = 0.0  # det J = 0: not counted by the reference (log 0 = -inf, not NaN)
+    det_j[4, 5, :2] = -1e-6
+    assert folding_reference(det_j) == (2, 100.0 * 2 / 210)
+
+
+def test_forward_jacobian_uses_the_last_difference_twice():
+    displacement = torch.zeros(1, 3, 6, 4, 4, dtype=torch.float64)
+    displacement[0, 0, 5] = -3.0  # the last difference along axis 0 is -3: det -2 at slices 4 and 5 (padding)
+    det_j = jacobian_determinant_forward(displacement)[0]
+    assert (det_j[4:] == -2.0).all() and (det_j[:4] == 1.0).all()
+    assert folding_reference(det_j)[0] == 2 * 4 * 4
+
+
 # ---- folding and log-Jacobian std -------------------------------------------------------------------------------
 
 def test_folding_and_log_jacobian_std_with_mask():
@@ -237,6 +313,9 @@ def test_evaluate_pair_rows_and_transformation_metrics():
     assert corner_row["dice"] == 0.0 and np.isnan(corner_row["asd_mm"]) and np.isnan(corner_row["hd95_mm"])
     assert not absent_row["present_fixed"] and not absent_row["present_warped"] and np.isnan(absent_row["dice"])
     folded = 4 * SHAPE[1] * SHAPE[2]
-    assert transformation["folding_voxels"] == folded
-    assert transformation["folding_percent"] == pytest.approx(100.0 * 4 / 7)
+    assert transformation["folding_voxels_mask"] == folded
+    assert transformation["folding_percent_mask"] == pytest.approx(100.0 * 4 / 7)
+    # forward differences: u_0(x + 1) - u_0(x) = -2 for x = 0..4, +10 at x = 5: five slabs, whole volume
+    assert transformation["folding_voxels_reference"] == 5 * SHAPE[1] * SHAPE[2]
+    assert transformation["folding_percent_reference"] == pytest.approx(100.0 * 5 / SHAPE[0])
     assert transformation["log_jacobian_std"] == 0.0

@@ -30,7 +30,7 @@ def test_training_logs_losses_epoch_metrics_images_and_histograms(tmp_path, log_
 
     assert [e.step for e in logged.Scalars("q_v/loss")] == [1, 2, 3, 4]  # every step: 2 pairs, 2 epochs
     assert [e.step for e in logged.Scalars("theta/loss")] == [1, 2, 3, 4]
-    for key in ("dice", "asd_mm", "folding_percent"):
+    for key in ("dice", "asd_mm", "folding_percent_mask"):
         values = logged.Scalars(f"epoch/{key}")
         assert [e.step for e in values] == [2, 4]
     assert all(0.0 <= e.value <= 1.0 for e in logged.Scalars("epoch/dice"))

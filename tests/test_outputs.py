@@ -119,7 +119,7 @@ def test_known_world_translation_survives_load_register_save(translated_pair, tm
     std, _ = load_nifti(folder / outputs.DISPLACEMENT_STD, "image")
     assert std.shape == INPUT_SHAPE and 0.0 <= std.min() and std.max() < 0.05  # sigma 1e-4, u = 0
     mean_rows = [r for r in rows if r["sample"] == "mean"]
-    assert all(r["folding_voxels"] == 0 for r in mean_rows)
+    assert all(r["folding_voxels_mask"] == 0 and r["folding_voxels_reference"] == 0 for r in mean_rows)
     assert set(uncertainty) == {"fixed_moving"}
 
 

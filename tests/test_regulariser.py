@@ -1,4 +1,8 @@
-"""utils.regulariser: squared forward differences against analytic fields and an independent numpy version."""
+"""utils.regulariser: squared forward differences against analytic fields and a numpy transcription of the reference.
+
+The reference (METHOD.md) replicate-pads each forward-difference array at the far edge, so the last difference
+along each axis is counted twice.
+"""
 from __future__ import annotations
 
 import math
@@ -11,14 +15,14 @@ from utils.regulariser import reg_term, squared_forward_differences
 
 
 def numpy_squared_forward_differences(velocity: np.ndarray) -> np.ndarray:
-    """Per pair: sum of (v(x + e_k) - v(x))^2 with the far edge replicated (np.pad mode='edge')."""
+    """Per pair: sum of squared forward differences, each difference array edge-padded at the far end (np.pad)."""
     total = np.zeros(velocity.shape[0])
     for axis in range(2, 5):
         pad = [(0, 0)] * 5
         pad[axis] = (0, 1)
-        padded = np.pad(velocity, pad, mode="edge")
-        forward = np.take(padded, np.arange(1, velocity.shape[axis] + 1), axis=axis)
-        total += ((forward - velocity) ** 2).reshape(velocity.shape[0], -1).sum(1)
+        forward = np.pad(np.diff(velocity, axis=axis), pad, mode="edge")
+        assert forward.shape == velocity.shape
+        total += (forward ** 2).reshape(velocity.shape[0], -1).sum(1)
     return total
 
 
@@ -30,9 +34,10 @@ def test_linear_field_along_one_axis(shape, axis, slope):
     view = [1, 1, 1]
     view[axis] = -1
     field = coordinate.view(*view).expand(*shape)
-    # component k = (k + 1) * slope * x_axis: each component adds (k+1)^2 slope^2 per difference
+    # component k = (k + 1) * slope * x_axis: each component adds (k+1)^2 slope^2 per difference; n - 1 differences
+    # per line plus the last one again (the reference's padding): one per voxel
     velocity = torch.stack([(k + 1) * field for k in range(3)]).unsqueeze(0)
-    differences = (shape[axis] - 1) * math.prod(shape) // shape[axis]
+    differences = math.prod(shape)
     expected = slope ** 2 * differences * (1 + 4 + 9)
     assert squared_forward_differences(velocity).item() == pytest.approx(expected, rel=1e-12)
     assert reg_term(velocity, 1.8).item() == pytest.approx(0.5 * 1.8 * expected, rel=1e-12)
@@ -58,3 +63,11 @@ def test_pairs_are_independent():
     per_pair = squared_forward_differences(velocity)
     for i in range(3):
         assert per_pair[i].item() == pytest.approx(squared_forward_differences(velocity[i:i + 1]).item())
+
+
+def test_last_difference_is_counted_twice():
+    """A jump between the last two voxels of one axis costs 2 jump^2 (the reference's padding), one elsewhere."""
+    for position, expected in ((3, 1.0), (4, 2.0)):  # jump before voxel `position` of an axis of 5
+        velocity = torch.zeros(1, 3, 5, 4, 4, dtype=torch.float64)
+        velocity[:, 0, position:] = 1.0
+        assert squared_forward_differences(velocity).item() == expected * 4 * 4

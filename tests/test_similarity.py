@@ -13,17 +13,37 @@ from model.variational import QV
 from trainer.q_v_inference import frozen
 from utils.flow import warp
 from utils.regulariser import reg_term
-from utils.similarity import LCC_EPS, lcc_data_term, lcc_map, ssd_data_term, ssd_map
+from utils.similarity import lcc_data_term, lcc_map, lcc_map_textbook, ssd_data_term, ssd_map
+
+EPS = 1e-5  # the reference's constant in the LCC denominator, written here independently of the module
 from utils.sobolev import separable_filter, sobolev_kernel
 
 
-def numpy_lcc_map(fixed: np.ndarray, warped: np.ndarray, s: int) -> np.ndarray:
-    """Brute force: explicit (2s+1)^3 windows of edge-padded volumes (D, H, W), centred moments."""
-    windows = [sliding_window_view(np.pad(image, s, mode="edge"), (2 * s + 1,) * 3) for image in (fixed, warped)]
-    f, w = [x.reshape(*fixed.shape, -1) for x in windows]
+def _windows(image: np.ndarray, s: int) -> np.ndarray:
+    """(D, H, W, (2s+1)^3): the values of the window around every voxel of an edge-padded volume."""
+    return sliding_window_view(np.pad(image, s, mode="edge"), (2 * s + 1,) * 3).reshape(*image.shape, -1)
+
+
+def numpy_lcc_map(fixed: np.ndarray, warped: np.ndarray, s: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """The reference's LCC, brute force on volumes (D, H, W): K the (weighted) window sum, n = (2s+1)^3,
+    d = x - K(x) / n at every voxel, then cross = K(d_F d_M), var = K(d^2), z = cross^2 / (var_F var_M + eps)."""
+    n = (2 * s + 1) ** 3
+    weights = np.ones(n) if weights is None else weights.reshape(-1)
+
+    def window(image):
+        return (_windows(image, s) * weights).sum(-1)
+
+    d_f, d_w = fixed - window(fixed) / n, warped - window(warped) / n
+    cross = window(d_f * d_w)
+    return cross ** 2 / (window(d_f ** 2) * window(d_w ** 2) + EPS)
+
+
+def numpy_lcc_map_textbook(fixed: np.ndarray, warped: np.ndarray, s: int) -> np.ndarray:
+    """Window-centred form: every value of a window minus the mean of that window."""
+    f, w = _windows(fixed, s), _windows(warped, s)
     f_c, w_c = f - f.mean(-1, keepdims=True), w - w.mean(-1, keepdims=True)
     cross = (f_c * w_c).sum(-1)
-    return cross ** 2 / ((f_c ** 2).sum(-1) * (w_c ** 2).sum(-1) + LCC_EPS)
+    return cross ** 2 / ((f_c ** 2).sum(-1) * (w_c ** 2).sum(-1) + EPS)
 
 
 def random_images(shape, batch=1, seed=0, dtype=torch.float64):
@@ -69,10 +89,30 @@ def test_lcc_map_matches_brute_force(s, shape):
     fixed, warped = random_images(shape, batch=2, seed=s)
     warped = 0.6 * fixed + 0.4 * warped  # partly correlated, so z covers (0, 1)
     z = lcc_map(fixed, warped, s)
-    assert z.shape == fixed.shape
+    z_textbook = lcc_map_textbook(fixed, warped, s)
+    assert z.shape == z_textbook.shape == fixed.shape
     for i in range(2):
-        expected = numpy_lcc_map(fixed[i, 0].numpy(), warped[i, 0].numpy(), s)
+        f, w = fixed[i, 0].numpy(), warped[i, 0].numpy()
+        np.testing.assert_allclose(z[i, 0].numpy(), numpy_lcc_map(f, w, s), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(z_textbook[i, 0].numpy(), numpy_lcc_map_textbook(f, w, s), rtol=1e-9, atol=1e-12)
+
+
+def test_lcc_map_with_a_learnt_window_matches_brute_force():
+    """Weighted window in every sum, and the local means still divided by n = 27 (not by the sum of the weights)."""
+    fixed, warped = random_images((6, 7, 5), batch=2, seed=7)
+    weights = torch.rand(1, 1, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 0.5
+    z = lcc_map(fixed, warped, 1, weights)
+    for i in range(2):
+        expected = numpy_lcc_map(fixed[i, 0].numpy(), warped[i, 0].numpy(), 1, weights.numpy())
         np.testing.assert_allclose(z[i, 0].numpy(), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lcc_map(fixed, warped, 1, torch.ones_like(weights)), lcc_map(fixed, warped, 1))
+
+
+def test_reference_and_textbook_lcc_are_different_objectives():
+    """On structured images the two forms differ by far more than round-off (METHOD.md: ~2x on a real pair)."""
+    fixed, warped = smooth_images((12, 12, 12), batch=1, seed=3)
+    reference, textbook = lcc_map(fixed, warped).sum(), lcc_map_textbook(fixed, warped).sum()
+    assert abs(reference - textbook) > 0.1 * abs(textbook)
 
 
 def test_data_terms_use_only_the_mask_and_are_per_pair():
@@ -93,9 +133,9 @@ def test_metric_ignores_voxels_outside_the_mask(kind):
     mask = torch.zeros_like(fixed)
     mask[..., 3:7, 3:7, 3:7] = 1.0
     changed = warped.clone()
-    # LCC windows reach s = 1 voxel out of the mask: change only voxels further away
+    # the reference LCC reaches 2s = 2 voxels out of the mask (a window of local means): change only voxels further
     far = torch.ones_like(fixed, dtype=torch.bool)
-    far[..., 2:8, 2:8, 2:8] = False
+    far[..., 1:9, 1:9, 1:9] = False
     changed[far] = 5.0
     metric = SimilarityMetric(kind, learnable=False)
     torch.testing.assert_close(metric(fixed, changed, mask), metric(fixed, warped, mask))
@@ -240,3 +280,60 @@ def test_q_v_loss_gradients_reach_q_v_not_theta(kind):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
         assert parameter.grad.abs().sum() > 0
     assert all(p.grad is None for p in theta)
+
+
+def test_learnt_lcc_window_starts_as_the_box_and_is_part_of_theta():
+    """The reference's CNN_LCC window: nn.Conv3d(1, 1, 3, bias=False) weights, ones at the start, trained with theta."""
+    torch.manual_seed(0)
+    learnt, baseline = SimilarityMetric("LCC", learnable=True).double(), SimilarityMetric("LCC", learnable=False)
+    assert baseline.window is None and list(baseline.parameters()) == []
+    assert SimilarityMetric("SSD", learnable=True).window is None
+    assert torch.equal(learnt.window, torch.ones(1, 1, 3, 3, 3, dtype=torch.float64))
+    assert any(p is learnt.window for p in learnt.parameters())
+    fixed, warped = smooth_images((10, 10, 10), batch=2, seed=4)
+    fixed, warped = fixed.double(), warped.double()
+    mask = torch.ones_like(fixed)
+    learnt(fixed, warped, mask).sum().backward()
+    assert learnt.window.grad is not None and learnt.window.grad.abs().sum() > 0
+    with torch.no_grad():
+        learnt.window.mul_(torch.linspace(0.5, 1.5, 27, dtype=torch.float64).view(1, 1, 3, 3, 3))
+        features = learnt.features
+        expected = lcc_data_term(lcc_map(features(fixed), features(warped), 1, learnt.window), mask)
+        torch.testing.assert_close(learnt(fixed, warped, mask), expected)
+        assert not torch.allclose(learnt(fixed, warped, mask), lcc_data_term(lcc_map(features(fixed),
+                                                                                    features(warped)), mask))
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_lcc_form_option(learnable):
+    fixed, warped = smooth_images((9, 9, 9), batch=1, seed=2)
+    mask = torch.ones_like(fixed)
+    torch.manual_seed(0)
+    reference = SimilarityMetric("LCC", learnable=learnable)
+    torch.manual_seed(0)
+    textbook = SimilarityMetric("LCC", learnable=learnable, lcc_form="textbook")
+    with torch.no_grad():
+        f_fixed, f_warped = reference.features(fixed), reference.features(warped)
+        # float32: the learnt window sums by convolution, the box by shifted sums
+        torch.testing.assert_close(reference(fixed, warped, mask), lcc_data_term(lcc_map(f_fixed, f_warped), mask),
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(textbook(fixed, warped, mask),
+                                   lcc_data_term(lcc_map_textbook(f_fixed, f_warped), mask), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="centred"):
+        SimilarityMetric("LCC", learnable=False, lcc_form="centred")
+
+
+def test_feature_extractor_has_leaky_relu_slope_0_2():
+    """Dirac-initialised f is ~x for x >= 0 and ~0.2^3 x for x < 0: three LeakyReLUs of slope 0.2 (METHOD.md),
+    for the default extractor and for the one a config builds."""
+    from tests.demo_config import ROOT
+    from trainer.build import build_similarity
+    from utils.config import load_config
+
+    torch.manual_seed(0)
+    built = build_similarity(load_config(ROOT / "configs" / "demo" / "train.json")).features
+    for extractor in (FeatureExtractor(), built):
+        image = torch.full((1, 1, 5, 5, 5), 0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(extractor(image), image, rtol=0, atol=1e-4)
+            torch.testing.assert_close(extractor(-image), -0.2 ** 3 * image, rtol=1e-3, atol=1e-5)

@@ -71,8 +71,10 @@ def test_metrics_table_has_one_row_per_pair_sample_and_structure(run):
             assert 0.0 <= float(row["dice"]) <= 1.0 and float(row["asd_mm"]) >= 0.0
             assert float(row["hd95_mm"]) >= 0.0
         if row["sample"] == "identity":
-            assert int(row["folding_voxels"]) == 0 and float(row["log_jacobian_std"]) == 0.0
-        assert 0.0 <= float(row["folding_percent"]) <= 100.0
+            assert int(row["folding_voxels_mask"]) == 0 and float(row["log_jacobian_std"]) == 0.0
+            assert int(row["folding_voxels_reference"]) == 0
+        assert 0.0 <= float(row["folding_percent_mask"]) <= 100.0
+        assert 0.0 <= float(row["folding_percent_reference"]) <= 100.0
 
 
 def test_summary_means_medians_and_missing_structures(run):
@@ -91,7 +93,11 @@ def test_summary_means_medians_and_missing_structures(run):
             assert stats["mean"] == pytest.approx(values(kind, key).mean())
             assert stats["median"] == pytest.approx(np.median(values(kind, key)))
             assert stats["n"] == values(kind, key).size
-    assert summary["metrics"]["samples"]["folding_voxels"]["n"] == 2 * NO_SAMPLES  # once per pair and sample
+    assert summary["metrics"]["samples"]["folding_voxels_mask"]["n"] == 2 * NO_SAMPLES  # once per pair and sample
+    assert summary["metrics"]["samples"]["folding_voxels_reference"]["n"] == 2 * NO_SAMPLES
+    assert summary["mean_dice_samples"] == summary["metrics"]["samples"]["dice"]["mean"]
+    assert summary["headline"]["samples"]["asd_mm"] == summary["metrics"]["samples"]["asd_mm"]["mean"]
+    assert summary["headline"]["posterior_mean"]["dice"] == summary["mean_dice_after"]
     assert summary["mean_dice_before"] == summary["metrics"]["identity"]["dice"]["mean"]
     assert summary["mean_dice_after"] == summary["metrics"]["mean"]["dice"]["mean"]
     assert summary["no_pairs"] == 2 and summary["no_samples"] == NO_SAMPLES
@@ -112,10 +118,11 @@ def test_summary_means_medians_and_missing_structures(run):
 def test_printed_table_says_before_after_and_na(run):
     _, printed, _, labels = run
     assert "mean Dice over 2 pairs and" in printed and "before" in printed and "after" in printed
+    assert "(posterior mean)" in printed and "(samples)" in printed
     table = printed[printed.index("structure"):]
     assert all(name in table for name in labels)
     absent_line = next(line for line in table.splitlines() if line.startswith(ABSENT[0]))
-    assert absent_line.split()[1:] == ["n/a"] * 5
+    assert absent_line.split()[1:] == ["n/a"] * 6
 
 
 def test_files_per_pair_on_the_input_grid(run):
@@ -169,11 +176,13 @@ def test_dice_and_surface_distances_agree_with_simpleitk_on_the_saved_files(run)
             assert float(row["dice"]) == pytest.approx(overlap.GetDiceCoefficient(label), rel=1e-9)
             contours = [sitk.LabelContour(to_sitk((seg == label).astype(np.uint8), spacing), fullyConnected=False)
                         for seg in (fixed_seg, warped_seg)]
+            hausdorff = sitk.HausdorffDistanceImageFilter()  # the reference's ASD: its average Hausdorff distance
+            hausdorff.Execute(contours[0], contours[1])
+            assert float(row["asd_mm"]) == pytest.approx(hausdorff.GetAverageHausdorffDistance(), rel=1e-5, abs=1e-5)
             masks = [sitk.GetArrayFromImage(c) > 0 for c in contours]
             maps = [np.abs(sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
                 c, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))) for c in contours]
             distances = np.concatenate([maps[1][masks[0]], maps[0][masks[1]]]).astype(np.float64)
-            assert float(row["asd_mm"]) == pytest.approx(distances.mean(), rel=1e-5, abs=1e-5)
             assert float(row["hd95_mm"]) == pytest.approx(np.percentile(distances, 95), rel=1e-5, abs=1e-5)
 
 

@@ -46,7 +46,8 @@ def build_similarity(config: QVTestConfig, learnable: bool | None = None) -> Sim
     args = config.model.args
     learnable = args.learnable if learnable is None else learnable
     return SimilarityMetric(config.data_loss.type, learnable, args.s, args.no_features,
-                            args.activation.args.get("negative_slope", 0.2), config.trainer.channels_last)
+                            args.activation.args.get("negative_slope", 0.2), config.trainer.channels_last,
+                            args.lcc_form)
 
 
 def build_transformation(config: QVTestConfig) -> SVF:

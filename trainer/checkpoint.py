@@ -33,7 +33,10 @@ class CheckpointError(ValueError):
 
 def similarity_signature(similarity: SimilarityMetric) -> dict:
     """What a checkpoint must agree on with the model that loads it."""
-    return {"type": similarity.kind, "learnable": similarity.learnable}
+    signature = {"type": similarity.kind, "learnable": similarity.learnable}
+    if similarity.kind == "LCC":
+        signature["lcc_form"] = similarity.lcc_form
+    return signature
 
 
 def save_run_checkpoint(path: Path, kind: str, *, epoch: int, step: int, config: dict, state: dict) -> None:

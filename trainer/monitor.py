@@ -23,7 +23,7 @@ from utils.distributed import Context, all_reduce_mean
 from utils.figures import slice_montage
 from utils.flow import warp
 
-EPOCH_METRICS = ("dice", "asd_mm", "folding_percent")
+EPOCH_METRICS = ("dice", "asd_mm", "folding_percent_mask")
 
 
 class TrainingMonitor:

@@ -240,12 +240,13 @@ class BaseTester:
                 groups[f"samples of q_v ({self.no_samples})"] = by_structure(rows, "samples")
             comparison_boxplots(self.folder / SUMMARY_FIGURE, groups, metrics=("dice", "asd_mm", "hd95_mm"),
                                 title=self.config.name)
-        self.logger.info("results per structure (%s unless stated), %d pairs:\n%s", self.transformation_name,
-                         summary["no_pairs"], format_table(summary, self.transformation_name))
-        before, after = summary["mean_dice_before"], summary["mean_dice_after"]
-        self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s", summary["no_pairs"],
-                         len(self.labels), "n/a" if before is None else f"{before:.3f}",
-                         "n/a" if after is None else f"{after:.3f}")
+        self.logger.info("results per structure, %d pairs:\n%s", summary["no_pairs"],
+                         format_table(summary, self.transformation_name))
+        dice = [summary[key] for key in ("mean_dice_before", "mean_dice_after", "mean_dice_samples")]
+        self.logger.info("mean Dice over %d pairs and %d structures: before %s, after %s (%s), %s (samples)",
+                         summary["no_pairs"], len(self.labels), *("n/a" if value is None else f"{value:.3f}"
+                                                                   for value in dice[:2]),
+                         self.transformation_name, "n/a" if dice[2] is None else f"{dice[2]:.3f}")
         return summary
 
 

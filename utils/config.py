@@ -94,6 +94,7 @@ class ModelArgs(Section):
     no_features: list[int] = checked(factory=lambda: [4, 8, 8], min_length=1, ge=1)
     activation: Activation = field(default_factory=Activation)
     s: int = checked(1, ge=1)  # LCC window (2s+1)^3
+    lcc_form: Literal["reference", "textbook"] = "reference"  # LCC: the reference's form, or window-centred
 
 
 @dataclass

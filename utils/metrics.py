@@ -46,8 +46,11 @@ def dice(seg_a, seg_b, labels: Sequence[int]) -> np.ndarray:
 
 
 def contour(region: np.ndarray) -> np.ndarray:
-    """Voxels of a boolean region (D, H, W) with a face-neighbour outside it; the volume border counts as outside."""
-    return region & ~ndimage.binary_erosion(region, structure=_FACE_CONNECTED, border_value=0)
+    """Voxels of a boolean region (D, H, W) with a face-neighbour outside it, as SimpleITK's LabelContour.
+
+    As LabelContour (fullyConnected=False), the space beyond the volume border does not count as outside.
+    """
+    return region & ~ndimage.binary_erosion(region, structure=_FACE_CONNECTED, border_value=1)
 
 
 def _bounding_box(region: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
@@ -59,38 +62,39 @@ def _bounding_box(region: np.ndarray, margin: int) -> tuple[slice, slice, slice]
     return tuple(box)
 
 
-def contour_distances(seg_a, seg_b, label: int, spacing: Sequence[float]) -> np.ndarray:
-    """Distances (n_a + n_b,) in mm: each contour voxel of A to the nearest of B, then each of B to the nearest of A.
+def contour_distances(seg_a, seg_b, label: int, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Directed distances, mm: from each contour voxel of A to the nearest of B (n_a,), and from B to A (n_b,).
 
     Contours as in ``contour``; distances run between voxel centres, scaled by ``spacing`` (mm per array axis).
-    Empty when the label misses in either volume.
+    Both empty when the label misses in either volume.
     """
     seg_a, seg_b = _as_label_volume(seg_a), _as_label_volume(seg_b)
     region_a, region_b = seg_a == label, seg_b == label
     if not region_a.any() or not region_b.any():
-        return np.empty(0)
-    # exact on the bounding box of both regions plus one voxel: every contour voxel lies in it, its edge voxels
-    # are outside both regions (or on the volume border, outside anyway), and C order of the voxels is kept
+        return np.empty(0), np.empty(0)
+    # exact on the bounding box of both regions plus one voxel: every contour voxel lies in it, and an edge voxel of
+    # the box is outside both regions unless it lies on the volume border, which the box then shares; C order kept
     box = _bounding_box(region_a | region_b, margin=1)
     contour_a, contour_b = contour(region_a[box]), contour(region_b[box])
     spacing = tuple(float(s) for s in spacing)
     # the EDT of the complement gives every voxel its distance to the nearest contour voxel (zero on it)
     a_to_b = ndimage.distance_transform_edt(~contour_b, sampling=spacing)[contour_a]
     b_to_a = ndimage.distance_transform_edt(~contour_a, sampling=spacing)[contour_b]
-    return np.concatenate([a_to_b, b_to_a])
+    return a_to_b, b_to_a
 
 
 def surface_distances(seg_a, seg_b, label: int, spacing: Sequence[float]) -> tuple[float, float]:
-    """Symmetric average surface distance (ASD) and HD95 of one label, in mm; NaN, NaN if it misses in either.
+    """ASD and HD95 of one label, in mm, between the contours of A and B; NaN, NaN if it misses in either.
 
-    Over the union of both directed sets of ``contour_distances`` (A to B and B to A, voxel centre to voxel
-    centre): ASD is its mean, HD95 its 95th percentile (numpy's linear interpolation), not the max of two
-    directed 95th percentiles; its max would be the Hausdorff distance of the contours.
+    ASD is the reference's figure, SimpleITK's average Hausdorff distance of the LabelContour images: the mean of
+    the two directed mean distances (A to B and B to A), not the mean of the pooled distances. HD95 is the 95th
+    percentile (numpy's linear interpolation) of both directed sets pooled; their max is the Hausdorff distance.
     """
-    distances = contour_distances(seg_a, seg_b, label, spacing)
-    if distances.size == 0:
+    a_to_b, b_to_a = contour_distances(seg_a, seg_b, label, spacing)
+    if a_to_b.size == 0:
         return float("nan"), float("nan")
-    return float(distances.mean()), float(np.percentile(distances, HD_PERCENTILE))
+    asd = 0.5 * (float(a_to_b.mean()) + float(b_to_a.mean()))
+    return asd, float(np.percentile(np.concatenate([a_to_b, b_to_a]), HD_PERCENTILE))
 
 
 def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
@@ -103,6 +107,30 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     jacobian = torch.stack(derivatives, dim=-1).permute(0, 2, 3, 4, 1, 5)  # (B, D, H, W, 3 [i], 3 [j])
     identity = torch.eye(3, device=displacement.device, dtype=displacement.dtype)
     return torch.linalg.det(jacobian + identity)
+
+
+def jacobian_determinant_forward(displacement: torch.Tensor) -> torch.Tensor:
+    """det(I + du/dx) (B, D, H, W) by forward differences, as the reference computes it for its folding count.
+
+    displacement (B, 3, D, H, W), voxel units, array-axis order. Each difference array is replicate-padded at the
+    far edge (the last difference of an axis is used twice), so the result keeps the volume's size.
+    """
+    derivatives = []
+    for axis in range(2, 5):
+        difference = displacement.diff(dim=axis)
+        derivatives.append(torch.cat([difference, difference.narrow(axis, -1, 1)], dim=axis))
+    jacobian = torch.stack(derivatives, dim=-1).permute(0, 2, 3, 4, 1, 5)  # (B, D, H, W, 3 [i], 3 [j])
+    identity = torch.eye(3, device=displacement.device, dtype=displacement.dtype)
+    return torch.linalg.det(jacobian + identity)
+
+
+def folding_reference(det_j: torch.Tensor) -> tuple[int, float]:
+    """The reference's folding: number and percentage (0-100) of voxels of the whole volume with det J < 0 (strictly).
+
+    ``det_j`` from ``jacobian_determinant_forward``. The reference counted NaNs of log det J, i.e. det J < 0.
+    """
+    folded = int((det_j < 0).sum())
+    return folded, 100.0 * folded / det_j.numel()
 
 
 def folding(det_j: torch.Tensor, mask=None) -> tuple[int, float]:
@@ -127,8 +155,8 @@ def evaluate_pair(fixed_seg, warped_seg, displacement: torch.Tensor, labels: Map
 
     fixed_seg, warped_seg: (D, H, W) labels; displacement: (1, 3, D, H, W) or (3, D, H, W), voxel units;
     labels: structure name -> label value; mask: (D, H, W), restricts the transformation metrics only.
-    Returns (rows, transformation_metrics): one row per structure with keys structure, label, dice, asd_mm,
-    hd95_mm, present_fixed, present_warped; and folding_voxels, folding_percent, log_jacobian_std.
+    Returns (rows, transformation metrics): one row per structure with keys structure, label, dice, asd_mm,
+    hd95_mm, present_fixed, present_warped; and the dict of ``transformation_metrics``.
     """
     fixed_seg, warped_seg = _as_label_volume(fixed_seg), _as_label_volume(warped_seg)
     scores = dice(fixed_seg, warped_seg, list(labels.values()))
@@ -138,13 +166,24 @@ def evaluate_pair(fixed_seg, warped_seg, displacement: torch.Tensor, labels: Map
         rows.append({"structure": structure, "label": label, "dice": float(score), "asd_mm": asd, "hd95_mm": hd95,
                      "present_fixed": bool((fixed_seg == label).any()),
                      "present_warped": bool((warped_seg == label).any())})
+    return rows, transformation_metrics(displacement, mask)
+
+
+def transformation_metrics(displacement: torch.Tensor, mask=None) -> dict:
+    """Regularity of x + u(x), displacement (1, 3, D, H, W) or (3, D, H, W), voxel units; mask (D, H, W) or None.
+
+    ``folding_voxels_mask``, ``folding_percent_mask``: det J <= 0 (central differences) inside ``mask``;
+    ``folding_voxels_reference``, ``folding_percent_reference``: the reference's count, det J < 0 (forward
+    differences) over the whole volume; ``log_jacobian_std`` over the mask (central differences).
+    """
     if displacement.dim() == 4:
         displacement = displacement.unsqueeze(0)
     det_j = jacobian_determinant(displacement)[0]
     folded, folded_percent = folding(det_j, mask)
-    transformation_metrics = {"folding_voxels": folded, "folding_percent": folded_percent,
-                              "log_jacobian_std": log_jacobian_std(det_j, mask)}
-    return rows, transformation_metrics
+    folded_reference, folded_reference_percent = folding_reference(jacobian_determinant_forward(displacement)[0])
+    return {"folding_voxels_mask": folded, "folding_percent_mask": folded_percent,
+            "folding_voxels_reference": folded_reference, "folding_percent_reference": folded_reference_percent,
+            "log_jacobian_std": log_jacobian_std(det_j, mask)}
 
 
 def uncertainty_error_stats(uncertainty, fixed_seg, warped_seg, labels: Sequence[int], mask=None) -> dict:

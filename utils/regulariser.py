@@ -1,17 +1,21 @@
-"""The regulariser on the velocity: squared forward differences."""
+"""The regulariser on the velocity: squared forward differences, with the reference's far-edge padding."""
 from __future__ import annotations
 
 import torch
 
 
 def squared_forward_differences(velocity: torch.Tensor) -> torch.Tensor:
-    """Sum over voxels, components and axes of (v(x + e_k) - v(x))^2, per pair (B,).
+    """Sum over voxels, components and axes of (v(x + e_k) - v(x))^2, per pair (B,); velocity (B, 3, D, H, W).
 
-    Replicate padding at the far edge makes the last difference of each axis zero.
+    A quirk kept for fidelity: the reference replicate-pads each difference array at the far edge so that it keeps
+    the size of v, which counts the last difference along each axis twice.
     """
     total = velocity.new_zeros(velocity.shape[0])
     for axis in range(2, 5):
-        total = total + (velocity.diff(dim=axis) ** 2).flatten(1).sum(1)
+        if velocity.shape[axis] < 2:
+            continue
+        squared = velocity.diff(dim=axis) ** 2
+        total = total + squared.flatten(1).sum(1) + squared.narrow(axis, -1, 1).flatten(1).sum(1)
     return total
 
 
