@@ -43,6 +43,7 @@ class BaseTrainer:
         self.config, self.folder, self.context = config, Path(folder), context
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=True)
+        self.labels = build_labels(config)  # evaluation structures of the training monitor
         self.start_epoch, self.step = 1, 0
         self.notes: list[str] = []  # what building found (resuming, pretrained weights), logged when training starts
         self.logger = self.writer = self.monitor = None  # made by train(): building writes nothing
@@ -78,7 +79,7 @@ class BaseTrainer:
         """Run the remaining epochs; returns the path of the last checkpoint (None when nothing was left to do)."""
         self.logger = get_logger(self.folder, self.context, "train")
         self.writer = SummaryWriter(str(self.folder / "log")) if self.context.is_main else None
-        self.monitor = TrainingMonitor(self.writer, self.config, self.context, build_labels(self.config))
+        self.monitor = TrainingMonitor(self.writer, self.config, self.context, self.labels)
         for note in self.notes:
             self.logger.info(note)
         last = None

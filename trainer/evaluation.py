@@ -178,7 +178,8 @@ def format_table(summary: Mapping, transformation_name: str = "posterior mean") 
     output)."""
     header = (f"{'structure':<22}{'Dice before':>12}{'Dice mean':>11}{'Dice samples':>14}{'ASD mm mean':>13}"
               f"{'ASD mm samples':>16}{'HD95 mm mean':>14}")
-    lines = [f"mean: {transformation_name}; samples: the samples of q_v pooled (as the reference reported)",
+    lines = [f"mean: {transformation_name.replace(' ', '-')} transformation; samples: the samples of q_v pooled (as the "
+             f"reference reported)",
              header, "-" * len(header)]
     entries = list(summary["per_structure"].items())
     entries.append(("all structures", {kind: {key: summary["metrics"][kind][key]["mean"]
