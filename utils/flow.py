@@ -27,11 +27,12 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
                          align_corners=ALIGN_CORNERS)
 
 
-def integrate_velocity(velocity: torch.Tensor, no_squarings: int = NO_SQUARINGS) -> torch.Tensor:
+def integrate_velocity(velocity: torch.Tensor, no_squarings: int = NO_SQUARINGS,
+                       padding_mode: str = "border") -> torch.Tensor:
     """Displacement u of phi = exp(v) by scaling and squaring; velocity and result (B, 3, D, H, W), voxel units.
 
     As in the reference: u0 = v / 2^N in normalised units, then N times u <- u + u o (id + u), each
-    composition a trilinear sample with border padding.
+    composition a trilinear sample with border padding (VoxelMorph pads with zeros: ``padding_mode='zeros'``).
     """
     shape = velocity.shape[2:]
     scale = voxel_to_normalised(shape, velocity.device, velocity.dtype)
@@ -40,5 +41,5 @@ def integrate_velocity(velocity: torch.Tensor, no_squarings: int = NO_SQUARINGS)
     u = velocity.flip(1) * (scale / 2 ** no_squarings).flip(1)
     for _ in range(no_squarings):
         u = u + F.grid_sample(u, grid + u.permute(0, 2, 3, 4, 1), mode="bilinear",
-                              padding_mode="border", align_corners=ALIGN_CORNERS)
+                              padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
     return u.flip(1) / scale
