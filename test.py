@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import add_common_arguments, run
+from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import new_run_folder, started_run
 from trainer.tester import Tester
 from utils.config import load_config
@@ -19,7 +20,8 @@ from utils.distributed import setup, teardown
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", required=True, help="JSON config")
-    parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric (default: the baseline metric)")
+    parser.add_argument("-r", "--resume", help="checkpoint of a learnt metric, or pretrained:NAME (default: the "
+                                                "baseline metric); the metric is the checkpoint's")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> Path:
     context = setup(args.device, args.local_rank)
     try:
         config = load_config(args.config, args.set)
-        checkpoint = load_checkpoint(args.resume, context.device) if args.resume else None
+        checkpoint = load_checkpoint(resolve_checkpoint(args.resume), context.device) if args.resume else None
         if checkpoint is None and config.model.args.learnable:
             config.model.args.learnable = False  # no learnt weights: test with the baseline metric
             if context.is_main:

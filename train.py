@@ -5,8 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import load_checkpoint, resume_config
+from trainer.checkpoint import CheckpointError, load_checkpoint, resume_config
 from trainer.cli import add_common_arguments, run
+from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import new_run_folder, resumed_run_folder, started_run
 from trainer.trainer import Trainer
 from utils.config import load_config
@@ -17,7 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", help="JSON config (with -r: must agree with the run's config on every "
                                                "key that a resumed run may not change)")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume from; the run continues in its folder. With "
+                                               "-c, pretrained:NAME starts a new run from that model's weights")
     parser.add_argument("--reset-q-v", action="store_true",
                         help="with -r: start every pair's q_v afresh instead of from its saved state")
     add_common_arguments(parser)
@@ -35,16 +37,22 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     context = setup(args.device, args.local_rank)
     try:
-        checkpoint = None
+        checkpoint, path = None, None
         if args.resume:
-            checkpoint = load_checkpoint(args.resume, context.device)
-            folder = resumed_run_folder(args.resume)
+            path = resolve_checkpoint(args.resume)
+            checkpoint = load_checkpoint(path, context.device)
+        pretrained = checkpoint is not None and checkpoint["optimizer_q_phi"] is None  # theta and q_f only
+        if checkpoint is not None and not pretrained:
+            folder = resumed_run_folder(path)
             config = resume_config(checkpoint, args.config, args.set)
         else:
+            if pretrained and not args.config:
+                raise CheckpointError(f"{args.resume} is a pretrained model, not a run to resume: give a config "
+                                      f"(-c) to start a new run from its weights")
             config = load_config(args.config, args.set)
             folder = new_run_folder(config.trainer.save_dir, config.name, "train", context)
         trainer = Trainer(config, folder, context, checkpoint, reset_q_v=args.reset_q_v)
-        with started_run(folder, config.to_dict(), context, resumed=checkpoint is not None):
+        with started_run(folder, config.to_dict(), context, resumed=checkpoint is not None and not pretrained):
             last = trainer.train()
         if context.is_main and last is not None:
             sys.stdout.write(f"checkpoint: {last}\nregister with it: python test.py -c CONFIG -r {last}\n")

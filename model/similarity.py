@@ -105,12 +105,18 @@ class SimilarityMetric(nn.Module):
         self.kind, self.s, self.lcc_form = kind, s, lcc_form
         self.features = (FeatureExtractor(no_features, negative_slope, channels_last) if learnable
                          else nn.Identity())
+        self.no_features, self.negative_slope, self.channels_last = list(no_features), negative_slope, channels_last
         size = 2 * s + 1
         self.window = (nn.Parameter(torch.ones(1, 1, size, size, size)) if learnable and kind == "LCC" else None)
 
     @property
     def learnable(self) -> bool:
         return isinstance(self.features, FeatureExtractor)
+
+    def config(self) -> dict:
+        """The constructor arguments, JSON-serialisable: ``SimilarityMetric(**metric.config())`` rebuilds it."""
+        return {"kind": self.kind, "learnable": self.learnable, "s": self.s, "no_features": self.no_features,
+                "negative_slope": self.negative_slope, "channels_last": self.channels_last, "lcc_form": self.lcc_form}
 
     def z_map(self, fixed_features: torch.Tensor, warped_features: torch.Tensor) -> torch.Tensor:
         """Voxelwise similarity map z (B, 1, D, H, W) of two feature images."""
@@ -128,3 +134,21 @@ class SimilarityMetric(nn.Module):
     def forward(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Data term per pair (B,) of images (B, 1, D, H, W) inside the fixed mask."""
         return self.data_term_from_features(self.features(fixed), self.features(warped), mask)
+
+
+class SimilarityLoss(nn.Module):
+    """A similarity metric as a loss for any registration loop: ``loss(fixed, warped, mask=None)``.
+
+    Returns the data term (SSD: 0.5 sum z, LCC: -sum z, summed over the voxels of the mask, default all),
+    averaged over the batch; images (B, 1, D, H, W). theta is frozen; gradients flow to ``warped``.
+    """
+
+    def __init__(self, similarity: SimilarityMetric):
+        super().__init__()
+        self.similarity = similarity.requires_grad_(False)
+        self.eval()
+
+    def forward(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones_like(fixed)
+        return self.similarity(fixed, warped, mask).mean()

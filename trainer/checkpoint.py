@@ -34,10 +34,22 @@ def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: Similarity
     """Write a checkpoint atomically."""
     atomic_torch_save({
         "kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "epoch": epoch, "step": step,
-        "similarity": similarity_signature(similarity), "model": similarity.state_dict(),
-        "q_f": q_f.state_dict(), "optimizer_q_phi": optimizer_theta.state_dict(),
+        "similarity": similarity_signature(similarity), "similarity_config": similarity.config(),
+        "model": similarity.state_dict(), "q_f": q_f.state_dict(), "optimizer_q_phi": optimizer_theta.state_dict(),
         "optimizer_q_f": optimizer_q_f.state_dict(), "config": config,
     }, path)
+
+
+def pretrained_checkpoint(similarity: SimilarityMetric, q_f_state: dict, *, epoch: int, step: int,
+                          extra: dict | None = None) -> dict:
+    """A checkpoint of a pretrained metric: theta and q_f without optimizer states or run config.
+
+    test.py and ``load_metric`` use it like any checkpoint; train.py starts a new run from its weights.
+    """
+    return {"kind": CHECKPOINT_KIND, "format_version": FORMAT_VERSION, "epoch": epoch, "step": step,
+            "similarity": similarity_signature(similarity), "similarity_config": similarity.config(),
+            "model": similarity.state_dict(), "q_f": q_f_state, "optimizer_q_phi": None, "optimizer_q_f": None,
+            "config": None, **(extra or {})}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -125,3 +137,17 @@ def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str)
         raise CheckpointError(f"{source}: model weights do not fit the configured metric (missing {missing}, "
                               f"unexpected {unexpected}, wrong shape {wrong}); check model.args.no_features")
     similarity.load_state_dict(state)
+
+
+def similarity_from_checkpoint(checkpoint: dict, source: str, channels_last: bool = False) -> SimilarityMetric:
+    """The metric a checkpoint describes (its stored constructor arguments), with its weights; no config needed."""
+    config = checkpoint.get("similarity_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the checkpoint does not describe its metric (no 'similarity_config'; "
+                              f"written by an older learnsim): rebuild the metric from the config that trained it")
+    try:
+        similarity = SimilarityMetric(**{**config, "channels_last": channels_last})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: bad similarity_config {config}: {error}") from None
+    load_similarity(similarity, checkpoint, source)
+    return similarity

@@ -22,7 +22,7 @@ from model.variational import QV
 from trainer import outputs
 from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
                            to_device)
-from trainer.checkpoint import load_similarity
+from trainer.checkpoint import load_similarity, similarity_from_checkpoint
 from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
                                 sample_displacements, summarise, voxel_spacing)
 from trainer.q_v_inference import fit_q_v
@@ -76,9 +76,13 @@ class Tester:
         self.config, self.folder, self.context = config, Path(folder), context
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=False)
-        self.similarity = build_similarity(config)
-        if checkpoint is not None:
-            load_similarity(self.similarity, checkpoint, checkpoint.get("source", "checkpoint"))
+        source = checkpoint.get("source", "checkpoint") if checkpoint is not None else None
+        if checkpoint is not None and "similarity_config" in checkpoint:  # the checkpoint's metric, not the config's
+            self.similarity = similarity_from_checkpoint(checkpoint, source, config.trainer.channels_last)
+        else:
+            self.similarity = build_similarity(config)
+            if checkpoint is not None:
+                load_similarity(self.similarity, checkpoint, source)
         self.energy = build_energy(config, self.similarity).to(context.device)
         self.labels = build_labels(config)
         self.no_samples = config.trainer.no_samples_test

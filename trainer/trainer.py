@@ -63,6 +63,10 @@ class Trainer:
 
     def _resume(self, checkpoint: dict) -> None:
         load_similarity(self.similarity, checkpoint, checkpoint["source"])
+        if checkpoint["optimizer_q_phi"] is None:  # a pretrained model: a new run starts from its weights
+            if getattr(checkpoint["q_f"].get("u"), "shape", None) == self.q_f.u.shape:  # q_f too, on the same grid
+                load_state(self.q_f, checkpoint, "q_f")
+            return
         load_state(self.q_f, checkpoint, "q_f")
         load_state(self.optimizer_theta, checkpoint, "optimizer_q_phi")
         load_state(self.optimizer_q_f, checkpoint, "optimizer_q_f")

@@ -1,0 +1,83 @@
+"""A learnt metric loads from its checkpoint alone (no config) and works as the loss of a plain registration loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.similarity import SimilarityMetric
+from trainer.checkpoint import CheckpointError, pretrained_checkpoint
+from trainer.pretrained import load_metric
+from utils.flow import warp
+from utils.io import atomic_torch_save
+
+SHAPE = (16, 16, 16)
+
+
+def save_metric(path, similarity: SimilarityMetric):
+    q_f = {"log_var": torch.zeros(1, 1, *SHAPE), "u": torch.zeros(1, 1, *SHAPE)}
+    atomic_torch_save(pretrained_checkpoint(similarity, q_f, epoch=3, step=6), path)
+    return path
+
+
+def perturbed(similarity: SimilarityMetric, seed: int = 0) -> SimilarityMetric:
+    """Weights away from the Dirac initialisation, so that a wrongly rebuilt metric shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in similarity.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return similarity
+
+
+def blob(centre) -> torch.Tensor:
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in SHAPE), indexing="ij"))
+    return torch.exp(-((grid - torch.tensor(centre).view(3, 1, 1, 1)) ** 2).sum(0) / 18.0)[None, None]
+
+
+@pytest.mark.parametrize("kind, s, no_features, slope", [("SSD", 1, (2, 4), 0.1), ("LCC", 2, (4, 8, 8), 0.2)])
+def test_the_checkpoint_alone_rebuilds_the_metric(tmp_path, kind, s, no_features, slope):
+    similarity = perturbed(SimilarityMetric(kind, True, s=s, no_features=no_features, negative_slope=slope))
+    loss = load_metric(save_metric(tmp_path / "metric.pt", similarity))
+    assert loss.similarity.config() == similarity.config()
+    assert not any(p.requires_grad for p in loss.parameters()) and not loss.training
+    fixed, warped = torch.rand(2, 2, 1, *SHAPE, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(2, 1, *SHAPE) > 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(loss(fixed, warped, mask), similarity(fixed, warped, mask).mean())
+        torch.testing.assert_close(loss(fixed, warped), similarity(fixed, warped, torch.ones_like(fixed)).mean())
+
+
+@pytest.mark.parametrize("kind", ["SSD", "LCC"])
+def test_a_plain_registration_loop_with_the_learnt_metric_as_its_loss(tmp_path, kind):
+    """The loop of README's "Pretrained models" section: optimise a displacement against the loaded metric."""
+    path = save_metric(tmp_path / "metric.pt", SimilarityMetric(kind, True))
+    fixed, moving = blob((8.0, 8.0, 8.0)), blob((9.5, 7.0, 8.0))
+
+    loss_fn = load_metric(path)
+    displacement = torch.zeros(1, 3, *fixed.shape[2:], requires_grad=True)  # voxel units
+    optimizer = torch.optim.Adam([displacement], lr=0.05)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        smoothness = sum((displacement.diff(dim=d) ** 2).sum() for d in (2, 3, 4))
+        loss = loss_fn(fixed, warp(moving, displacement)) + 0.1 * smoothness
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+
+    assert losses[-1] < losses[0] - 0.1 * abs(losses[0])
+    # the moving blob sits at +1.5 along axis 0 and -1 along axis 1: the displacement at the centre points there
+    centre = displacement.detach()[0, :, 8, 8, 8]
+    assert centre[0] > 0.3 and centre[1] < -0.2
+
+
+def test_files_that_are_not_metric_checkpoints_fail_clearly(tmp_path):
+    vxm = tmp_path / "checkpoint_VXM.pt"
+    torch.save({"config": {"inshape": (128, 128, 128)}, "model_state": {}}, vxm)
+    with pytest.raises(CheckpointError, match=f"{vxm}: this is a VoxelMorph checkpoint"):
+        load_metric(vxm)
+    old = tmp_path / "old.pt"
+    checkpoint = pretrained_checkpoint(SimilarityMetric("SSD", True), {}, epoch=1, step=1)
+    del checkpoint["similarity_config"]
+    torch.save(checkpoint, old)
+    with pytest.raises(CheckpointError, match=f"{old}: the checkpoint does not describe its metric"):
+        load_metric(old)
