@@ -96,8 +96,8 @@ def reference_data_term(state: dict, kind: str, fixed: torch.Tensor, warped: tor
 @pytest.mark.parametrize("kind", ["SSD", "LCC"])
 def test_import_gives_the_reference_metric(tmp_path, kind):
     source, model, q_f = write_authors_checkpoint(tmp_path / f"checkpoint_{kind}.pt", kind)
-    with pytest.raises(Exception):
-        torch.load(source, weights_only=True)  # why the restricted unpickler is needed
+    with pytest.raises(CheckpointError, match=f"{source}: refused: it pickles parse_config.ConfigParser, which weights_only"):
+        load_checkpoint(source)  # why the restricted unpickler is needed
     destination = import_authors_metric(source, tmp_path / "imported.pt")
     checkpoint = load_checkpoint(destination)  # weights_only=True
     assert checkpoint["epoch"] == 50 and checkpoint["step"] == 13500 and checkpoint["optimizer_q_phi"] is None

@@ -1,6 +1,8 @@
 """A learnt metric loads from its checkpoint alone (no config) and works as the loss of a plain registration loop."""
 from __future__ import annotations
 
+import tarfile
+
 import pytest
 import torch
 
@@ -75,6 +77,11 @@ def test_files_that_are_not_metric_checkpoints_fail_clearly(tmp_path):
     torch.save({"config": {"inshape": (128, 128, 128)}, "model_state": {}}, vxm)
     with pytest.raises(CheckpointError, match=f"{vxm}: this is a VoxelMorph checkpoint"):
         load_metric(vxm)
+    tarball = tmp_path / "VXM_SSD_learnt.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(vxm, arcname=vxm.name)
+    with pytest.raises(CheckpointError, match=f"{tarball}: it is a tarball: give pretrained:NAME"):
+        load_metric(tarball)
     old = tmp_path / "old.pt"
     checkpoint = pretrained_checkpoint(SimilarityMetric("SSD", True), {}, epoch=1, step=1)
     del checkpoint["similarity_config"]

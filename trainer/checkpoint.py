@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import tarfile
 from pathlib import Path
 
 import torch
@@ -62,11 +64,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: refused, it holds pickled Python objects besides tensors and plain "
-                              f"containers (checkpoints are loaded with weights_only=True)") from None
     except Exception as error:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(path, error)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a learnsim checkpoint (a {type(checkpoint).__name__}, not a dict)")
     if checkpoint.get("kind") != CHECKPOINT_KIND:
@@ -122,6 +121,21 @@ def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str
         raise ConfigError(f"{source}: the run has finished all its {config.trainer.no_epochs} epochs, nothing to "
                           f"resume; to train longer, add --set trainer.no_epochs=N with N > {checkpoint['epoch']}")
     return config
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused a file, in one line, with what to do for the files users mix up."""
+    if tarfile.is_tarfile(path):
+        return "it is a tarball: give pretrained:NAME (python -m utils.pretrained list), or the .pt file inside"
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return (f"refused: it pickles {refused[1]}, which weights_only=True does not load; an authors' learnt-metric "
+                f"file imports with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / "
+                f"LCC_learnt)")
+    if isinstance(error, pickle.UnpicklingError):
+        return ("refused, it holds pickled Python objects besides tensors and plain containers (checkpoints are "
+                "loaded with weights_only=True)")
+    return first_line(error)
 
 
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:
