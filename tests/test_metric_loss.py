@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.similarity import SimilarityMetric
 from trainer.checkpoint import CheckpointError, pretrained_checkpoint
@@ -30,9 +31,11 @@ def perturbed(similarity: SimilarityMetric, seed: int = 0) -> SimilarityMetric:
     return similarity
 
 
-def blob(centre) -> torch.Tensor:
-    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in SHAPE), indexing="ij"))
-    return torch.exp(-((grid - torch.tensor(centre).view(3, 1, 1, 1)) ** 2).sum(0) / 18.0)[None, None]
+def shifted_pair(shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth random texture and the same texture moved by ``shift`` voxels (moving(x + shift) = fixed(x))."""
+    noise = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    fixed = F.avg_pool3d(F.pad(noise, [1] * 6, mode="replicate"), 3, stride=1)
+    return fixed, warp(fixed, -torch.tensor(shift).view(1, 3, 1, 1, 1).expand(1, 3, *SHAPE))
 
 
 @pytest.mark.parametrize("kind, s, no_features, slope", [("SSD", 1, (2, 4), 0.1), ("LCC", 2, (4, 8, 8), 0.2)])
@@ -52,7 +55,7 @@ def test_the_checkpoint_alone_rebuilds_the_metric(tmp_path, kind, s, no_features
 def test_a_plain_registration_loop_with_the_learnt_metric_as_its_loss(tmp_path, kind):
     """The loop of README's "Pretrained models" section: optimise a displacement against the loaded metric."""
     path = save_metric(tmp_path / "metric.pt", SimilarityMetric(kind, True))
-    fixed, moving = blob((8.0, 8.0, 8.0)), blob((9.5, 7.0, 8.0))
+    fixed, moving = shifted_pair((1.0, -0.7, 0.0))
 
     loss_fn = load_metric(path)
     displacement = torch.zeros(1, 3, *fixed.shape[2:], requires_grad=True)  # voxel units
@@ -67,9 +70,9 @@ def test_a_plain_registration_loop_with_the_learnt_metric_as_its_loss(tmp_path, 
         losses.append(loss.item())
 
     assert losses[-1] < losses[0] - 0.1 * abs(losses[0])
-    # the moving blob sits at +1.5 along axis 0 and -1 along axis 1: the displacement at the centre points there
-    centre = displacement.detach()[0, :, 8, 8, 8]
-    assert centre[0] > 0.3 and centre[1] < -0.2
+    # inside, the displacement heads for the shift (+1 along axis 0, -0.7 along axis 1, 0 along axis 2)
+    mean = displacement.detach()[0, :, 4:12, 4:12, 4:12].mean((1, 2, 3))
+    assert mean[0] > 0.05 and mean[1] < -0.02 and abs(mean[2]) < 0.5 * mean[0]
 
 
 def test_files_that_are_not_metric_checkpoints_fail_clearly(tmp_path):
