@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model.similarity import SimilarityMetric
-from trainer.checkpoint import CheckpointError, pretrained_checkpoint
-from trainer.pretrained import load_metric
+from model.variational import QF
+from trainer.checkpoint import CheckpointError, load_checkpoint, pretrained_checkpoint, save_checkpoint
+from trainer.pretrained import load_metric, pack
 from utils.flow import warp
 from utils.io import atomic_torch_save
 
@@ -91,3 +92,18 @@ def test_files_that_are_not_metric_checkpoints_fail_clearly(tmp_path):
     torch.save(checkpoint, old)
     with pytest.raises(CheckpointError, match=f"{old}: the checkpoint does not describe its metric"):
         load_metric(old)
+
+
+def test_pack_keeps_the_metric_and_drops_the_optimizers(tmp_path):
+    similarity, q_f = perturbed(SimilarityMetric("LCC", True)), QF(SHAPE)
+    run = tmp_path / "checkpoint_epoch3.pt"
+    save_checkpoint(run, epoch=3, step=6, similarity=similarity, q_f=q_f,
+                    optimizer_theta=torch.optim.Adam(similarity.parameters()),
+                    optimizer_q_f=torch.optim.Adam(q_f.parameters()), config={"name": "demo_LCC"})
+    packed = load_checkpoint(pack(run, tmp_path / "demo_LCC.pt"))
+    assert packed["optimizer_q_phi"] is None and packed["optimizer_q_f"] is None and packed["config"] is None
+    assert packed["run_config"] == {"name": "demo_LCC"} and packed["epoch"] == 3
+    fixed, warped = torch.rand(2, 1, 1, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(load_metric(tmp_path / "demo_LCC.pt")(fixed, warped),
+                                   similarity(fixed, warped, torch.ones_like(fixed)).mean())
