@@ -25,6 +25,7 @@ from tqdm import tqdm
 from utils.archive import MAX_ARCHIVE_BYTES, extract
 
 MANIFEST = Path(__file__).resolve().parents[1] / "pretrained_models" / "manifest.json"
+MANIFEST_VERSION = 1
 CACHE_ENV = "LEARNSIM_CACHE"
 PREFIX = "pretrained:"  # "pretrained:NAME" names a model of the manifest wherever a checkpoint path is expected
 KINDS = ("voxelmorph", "learnsim-metric", "authors-learnsim-metric")
@@ -62,9 +63,13 @@ def load_manifest(path: str | os.PathLike = MANIFEST) -> dict[str, PretrainedMod
     """name -> PretrainedModel of a manifest file; a malformed entry fails naming the file and the entry."""
     path = Path(path)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))["models"]
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        version, entries = manifest["format_version"], list(manifest["models"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise PretrainedError(f"cannot read the manifest {path}: {error!r}") from None
+    if version != MANIFEST_VERSION:
+        raise PretrainedError(f"{path}: manifest format_version {version!r} is not supported (expected "
+                              f"{MANIFEST_VERSION})")
     fields = set(PretrainedModel.__dataclass_fields__)
     models = {}
     for i, entry in enumerate(entries):
