@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, resume_config
+from trainer.checkpoint import CheckpointError, is_pretrained_model, load_checkpoint, resume_config
 from trainer.cli import add_common_arguments, run
 from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import new_run_folder, resumed_run_folder, started_run
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         if args.resume:
             path = resolve_checkpoint(args.resume)
             checkpoint = load_checkpoint(path, context.device)
-        pretrained = checkpoint is not None and checkpoint["optimizer_q_phi"] is None  # theta and q_f only
+        pretrained = checkpoint is not None and is_pretrained_model(checkpoint)
         if checkpoint is not None and not pretrained:
             folder = resumed_run_folder(path)
             config = resume_config(checkpoint, args.config, args.set)

@@ -42,6 +42,11 @@ def save_checkpoint(path: Path, *, epoch: int, step: int, similarity: Similarity
     }, path)
 
 
+def is_pretrained_model(checkpoint: dict) -> bool:
+    """Whether a checkpoint is a pretrained model (theta and q_f, no optimizer states or run config), not a run's."""
+    return checkpoint.get("config") is None
+
+
 def pretrained_checkpoint(similarity: SimilarityMetric, q_f_state: dict, *, epoch: int, step: int,
                           extra: dict | None = None) -> dict:
     """A checkpoint of a pretrained metric: theta and q_f without optimizer states or run config.

@@ -22,7 +22,7 @@ from model.variational import QV
 from trainer import outputs
 from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
                            to_device)
-from trainer.checkpoint import load_similarity, similarity_from_checkpoint
+from trainer.checkpoint import is_pretrained_model, load_similarity, similarity_from_checkpoint
 from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
                                 sample_displacements, summarise, voxel_spacing)
 from trainer.q_v_inference import fit_q_v
@@ -77,7 +77,7 @@ class Tester:
         self.dataset = build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=False)
         source = checkpoint.get("source", "checkpoint") if checkpoint is not None else None
-        if checkpoint is not None and "similarity_config" in checkpoint:  # the checkpoint's metric, not the config's
+        if checkpoint is not None and is_pretrained_model(checkpoint):  # it brings its metric; a run's must fit
             self.similarity = similarity_from_checkpoint(checkpoint, source, config.trainer.channels_last)
         else:
             self.similarity = build_similarity(config)

@@ -12,7 +12,7 @@ from model.energy import ContrastiveLoss
 from model.variational import QF, QV
 from trainer.build import (batch_seed, build_dataset, build_energy, build_labels, build_loader, build_similarity,
                            to_device)
-from trainer.checkpoint import load_similarity, load_state, save_checkpoint
+from trainer.checkpoint import is_pretrained_model, load_similarity, load_state, save_checkpoint
 from trainer.monitor import TrainingMonitor
 from trainer.q_v_inference import denormals_flushed, fit_q_v
 from trainer.q_v_store import QVStore
@@ -63,7 +63,7 @@ class Trainer:
 
     def _resume(self, checkpoint: dict) -> None:
         load_similarity(self.similarity, checkpoint, checkpoint["source"])
-        if checkpoint["optimizer_q_phi"] is None:  # a pretrained model: a new run starts from its weights
+        if is_pretrained_model(checkpoint):  # a new run starts from its weights
             if getattr(checkpoint["q_f"].get("u"), "shape", None) == self.q_f.u.shape:  # q_f too, on the same grid
                 load_state(self.q_f, checkpoint, "q_f")
             return
