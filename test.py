@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import is_pretrained_model, load_checkpoint
 from trainer.cli import add_common_arguments, run
 from trainer.pretrained import resolve_checkpoint
 from trainer.run_folder import new_run_folder, started_run
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> Path:
             config.model.args.learnable = False  # no learnt weights: test with the baseline metric
             if context.is_main:
                 sys.stderr.write(f"no checkpoint given (-r): registering with the baseline {config.data_loss.type}\n")
+        if checkpoint is not None and is_pretrained_model(checkpoint) and context.is_main:
+            sys.stderr.write(f"registering with the metric of {args.resume}: {checkpoint['similarity_config']}\n")
         folder = new_run_folder(config.trainer.save_dir, config.name, "test", context)
         tester = Tester(config, folder, context, checkpoint)
         with started_run(folder, config.to_dict(), context):

@@ -1,6 +1,7 @@
 """A learnt metric loads from its checkpoint alone (no config) and works as the loss of a plain registration loop."""
 from __future__ import annotations
 
+import json
 import tarfile
 
 import pytest
@@ -8,11 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from model.similarity import SimilarityMetric
+import test as test_entry
+from data_loader.demo import make_demo_dataset
 from model.variational import QF
 from trainer.checkpoint import CheckpointError, load_checkpoint, pretrained_checkpoint, save_checkpoint
 from trainer.pretrained import load_metric, pack
+from utils.pretrained import load_manifest
 from utils.flow import warp
 from utils.io import atomic_torch_save
+
+from demo_config import demo_config_dict
 
 SHAPE = (16, 16, 16)
 
@@ -107,3 +113,25 @@ def test_pack_keeps_the_metric_and_drops_the_optimizers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_metric(tmp_path / "demo_LCC.pt")(fixed, warped),
                                    similarity(fixed, warped, torch.ones_like(fixed)).mean())
+
+
+@pytest.mark.parametrize("name, kind", [("demo_SSD", "SSD"), ("demo_LCC", "LCC")])
+def test_the_shipped_demo_metrics_load_offline(name, kind):
+    entry = load_manifest()[name]
+    assert entry.url == f"{name}.pt" and entry.size < 1_000_000 and entry.checksum.startswith("sha256:")
+    loss = load_metric(f"pretrained:{name}")
+    assert loss.similarity.kind == kind and loss.similarity.learnable
+    image = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(loss(image, image.flip(2)))
+
+
+def test_test_py_registers_with_a_pretrained_models_own_metric(tmp_path, capsys):
+    """``test.py -c <an SSD config> -r pretrained:demo_LCC`` registers with the learnt LCC of the checkpoint."""
+    data = make_demo_dataset(tmp_path / "data", no_subjects=2, size=16)
+    config = demo_config_dict(data, tmp_path / "saved", no_iters_q_v=2, no_samples_test=2, save_outputs=False,
+                              save_figures=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    folder = test_entry.main(["-c", str(tmp_path / "config.json"), "-r", "pretrained:demo_LCC", "--device", "cpu"])
+    assert json.loads((folder / "summary.json").read_text())["no_pairs"] == 1
+    assert "registering with the metric of pretrained:demo_LCC: {'kind': 'LCC', 'learnable': True" in \
+        capsys.readouterr().err
