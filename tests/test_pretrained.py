@@ -148,7 +148,8 @@ def test_files_shipped_in_the_repository_are_verified_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"kind": "zip"}, "kind must be one of"), ({"checksum": "md5:abc"}, "checksum"), ({"extra": 1}, "expected the keys"),
+    ({"kind": "zip"}, "kind must be one of"), ({"checksum": "md5:abc"}, "checksum"),
+    ({"extra": 1}, "expected the keys"),
 ])
 def test_malformed_manifest_entries_name_the_file_and_entry(tmp_path, change, message):
     source = make_tarball(tmp_path / "a.tar.gz", [("a.pt", b"x")])
