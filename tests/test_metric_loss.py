@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from model.similarity import SimilarityMetric
 import test as test_entry
+import train as train_entry
 from data_loader.demo import make_demo_dataset
 from model.variational import QF
 from trainer.checkpoint import CheckpointError, load_checkpoint, pretrained_checkpoint, save_checkpoint
@@ -18,7 +19,7 @@ from utils.pretrained import load_manifest
 from utils.flow import warp
 from utils.io import atomic_torch_save
 
-from demo_config import demo_config_dict
+from demo_config import demo_config_dict, tiny_config
 
 SHAPE = (16, 16, 16)
 
@@ -135,3 +136,20 @@ def test_test_py_registers_with_a_pretrained_models_own_metric(tmp_path, capsys)
     assert json.loads((folder / "summary.json").read_text())["no_pairs"] == 1
     assert "registering with the metric of pretrained:demo_LCC: {'kind': 'LCC', 'learnable': True" in \
         capsys.readouterr().err
+
+
+def test_train_py_starts_a_new_run_from_a_pretrained_model(tmp_path):
+    config = tiny_config(tmp_path, no_epochs=1)
+    first = train_entry.main(["-c", str(config), "--device", "cpu"])
+    packed = pack(first, tmp_path / "pretrained" / "metric.pt")
+    with pytest.raises(CheckpointError, match=r"metric\.pt is a pretrained model, not a run to resume: give a config"):
+        train_entry.main(["-r", str(packed), "--device", "cpu"])
+    # theta and q_f all but frozen (lr 1e-12): the new run ends where the pretrained weights are, not where the
+    # Dirac initialisation is (the first run's epoch moved theta by ~1e-4)
+    frozen = ["--set", "optimizer_q_phi.args.lr=1e-12", "--set", "optimizer_q_f.args.lr=1e-12"]
+    last = train_entry.main(["-c", str(config), "-r", str(packed), "--device", "cpu", *frozen])
+    assert last.parent.parent != first.parent.parent and not (tmp_path / "pretrained" / "q_v").exists()
+    started, ended = load_checkpoint(packed), load_checkpoint(last)
+    for key in ("model", "q_f"):
+        for name, value in started[key].items():
+            torch.testing.assert_close(ended[key][name], value, rtol=0, atol=1e-8)
