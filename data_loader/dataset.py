@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data_loader.geometry import resample_to_working, working_affine
-from utils.io import PathLike, load_nifti, name_problem, read_nifti_header, relative_path_problem
+from data_loader.images import read_image, read_image_header, resample_to_grid
+from utils.io import PathLike, name_problem, relative_path_problem
 
 # the 15 evaluation structures of the paper, FreeSurfer label ids (names as in the project's labels.json files)
 DEFAULT_LABELS: dict[str, int] = {
@@ -92,13 +93,19 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class SubjectFiles:
-    """The files of one subject and the geometry read from the image header."""
+    """The files of one subject and its input grid (by default the grid of the image header).
+
+    ``file_grid`` (shape, affine) is set when the files lie on another grid than ``input_shape`` and
+    ``input_affine``: their voxels are then resampled onto the input grid where the same world point lies
+    (register.py puts the moving image on the fixed image's grid this way).
+    """
     id: str
     im: Path
     mask: Path | None
     seg: Path | None
     input_shape: tuple[int, int, int]
     input_affine: np.ndarray
+    file_grid: tuple[tuple[int, int, int], np.ndarray] | None = None
 
 
 class PairDataset(Dataset):
@@ -116,9 +123,7 @@ class PairDataset(Dataset):
         self.data_path = Path(data_path)
         if not self.data_path.is_dir():
             raise FileNotFoundError(f"data folder not found: {self.data_path}")
-        self.dims = tuple(int(n) for n in dims)
-        if len(self.dims) != 3 or any(n < 2 for n in self.dims):
-            raise ValueError(f"dims must be 3 sizes >= 2, got {tuple(dims)}")
+        self._set_dims(dims)
         pairs_file = Path(pairs_file)
         self.pairs_file = pairs_file if pairs_file.is_absolute() else self.data_path / pairs_file
         self.pairs = read_pairs(self.pairs_file)
@@ -131,6 +136,23 @@ class PairDataset(Dataset):
         self._warn_on_affine_mismatch()
         self.cache_size = cache_size
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # per process (copied to workers)
+
+    @classmethod
+    def from_subjects(cls, subjects: Sequence[SubjectFiles], pairs: Sequence[tuple[str, str]],
+                      dims: Sequence[int]) -> "PairDataset":
+        """Pairs of subjects whose files the caller has found and checked (register.py's two images)."""
+        dataset = cls.__new__(cls)
+        dataset._set_dims(dims)
+        dataset.subjects = {subject.id: subject for subject in subjects}
+        dataset.pairs = [tuple(pair) for pair in pairs]
+        dataset.cache_size = len(dataset.subjects)
+        dataset._cache = OrderedDict()
+        return dataset
+
+    def _set_dims(self, dims: Sequence[int]) -> None:
+        self.dims = tuple(int(n) for n in dims)
+        if len(self.dims) != 3 or any(n < 2 for n in self.dims):
+            raise ValueError(f"dims must be 3 sizes >= 2, got {tuple(dims)}")
 
     def _index_subjects(self) -> dict[str, SubjectFiles]:
         """Check that every listed file exists and every header is a consistent 3D image; read the geometry."""
@@ -154,10 +176,10 @@ class PairDataset(Dataset):
                      for key, name in (("im", self.im_filename), ("mask", self.mask_filename),
                                        ("seg", self.seg_filename))}
             try:
-                shape, affine = read_nifti_header(files["im"])
+                shape, affine = read_image_header(files["im"])
                 for key in ("mask", "seg"):
                     if files[key] is not None:
-                        other_shape, _ = read_nifti_header(files[key])
+                        other_shape, _ = read_image_header(files[key])
                         if other_shape != shape:
                             raise ValueError(f"{files[key]}: {key} shape {other_shape} differs from image "
                                              f"shape {shape} of {files['im']}")
@@ -201,7 +223,9 @@ class PairDataset(Dataset):
             self._cache.move_to_end(subject)
             return self._cache[subject]
         files = self.subjects[subject]
-        im, _ = load_nifti(files.im, "image")
+        im, _ = read_image(files.im, "image")
+        file_shape = im.shape
+        im = self._to_input_grid(im, files, "linear")
         # as the reference: pad and resize first, then min-max rescale the working-grid image to [0, 1]
         working = resample_to_working(im, files.input_shape, self.dims, "linear")
         low, high = float(working.min()), float(working.max())
@@ -210,16 +234,18 @@ class PairDataset(Dataset):
                              f"cannot min-max rescale")
         loaded = {"im": (working - low) / (high - low)}
         if files.mask is not None:
-            mask, _ = load_nifti(files.mask, "mask")
-            self._check_shape(mask, files.mask, im.shape, files.im)
+            mask, _ = read_image(files.mask, "mask")
+            self._check_shape(mask, files.mask, file_shape, files.im)
             if not mask.any():
                 raise ValueError(f"{files.mask}: empty mask (no non-zero voxel)")
+            mask = self._to_input_grid(mask, files, "nearest")
             loaded["mask"] = resample_to_working(mask, files.input_shape, self.dims, "nearest").astype(np.float32)
         else:
             loaded["mask"] = np.ones(self.dims, dtype=np.float32)
         if files.seg is not None:
-            seg, _ = load_nifti(files.seg, "seg")
-            self._check_shape(seg, files.seg, im.shape, files.im)
+            seg, _ = read_image(files.seg, "seg")
+            self._check_shape(seg, files.seg, file_shape, files.im)
+            seg = self._to_input_grid(seg, files, "nearest")
             loaded["seg"] = resample_to_working(seg, files.input_shape, self.dims, "nearest")
         tensors = {key: torch.from_numpy(np.ascontiguousarray(value)).unsqueeze(0) for key, value in loaded.items()}
 
@@ -227,6 +253,13 @@ class PairDataset(Dataset):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return tensors
+
+    @staticmethod
+    def _to_input_grid(array: np.ndarray, files: SubjectFiles, mode: str) -> np.ndarray:
+        """Voxels of a file of ``files`` on the subject's input grid (unchanged unless ``file_grid`` is set)."""
+        if files.file_grid is None:
+            return array
+        return resample_to_grid(array, files.file_grid[1], files.input_shape, files.input_affine, mode)
 
     @staticmethod
     def _check_shape(array: np.ndarray, path: Path, shape: tuple[int, ...], im_path: Path) -> None:

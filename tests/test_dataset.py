@@ -144,8 +144,8 @@ def test_absolute_pairs_file_blank_lines_and_spaces(small, tmp_path_factory):
 
 def test_subjects_are_cached_and_items_are_independent(small, monkeypatch):
     calls = []
-    real = dataset_module.load_nifti
-    monkeypatch.setattr(dataset_module, "load_nifti", lambda path, kind: calls.append(path) or real(path, kind))
+    real = dataset_module.read_image
+    monkeypatch.setattr(dataset_module, "read_image", lambda path, kind: calls.append(path) or real(path, kind))
     data = PairDataset(small, "pairs.csv", SHAPE)
     first = data[0]
     first["fixed"]["im"].zero_()  # a caller modifying its item in place ...

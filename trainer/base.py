@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trainer.build import batch_seed, build_dataset, build_labels, build_loader
@@ -78,7 +77,11 @@ class BaseTrainer:
     def train(self) -> Path | None:
         """Run the remaining epochs; returns the path of the last checkpoint (None when nothing was left to do)."""
         self.logger = get_logger(self.folder, self.context, "train")
-        self.writer = SummaryWriter(str(self.folder / "log")) if self.context.is_main else None
+        self.writer = None
+        if self.context.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # imported only by the process that writes logs
+
+            self.writer = SummaryWriter(str(self.folder / "log"))
         self.monitor = TrainingMonitor(self.writer, self.config, self.context, self.labels)
         for note in self.notes:
             self.logger.info(note)

@@ -7,12 +7,11 @@ Every rank evaluates its own pairs; the per-epoch means are reduced over ranks a
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from data_loader.geometry import displacement_to_world
 from model.energy import Energy
@@ -22,6 +21,9 @@ from utils.config import RunConfig
 from utils.distributed import Context, all_reduce_mean
 from utils.figures import slice_montage
 from utils.flow import warp
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 EPOCH_METRICS = ("dice", "asd_mm", "folding_percent_mask")
 

@@ -14,11 +14,13 @@ import torch
 
 from data_loader.geometry import displacement_to_input_world, resample_to_input
 from utils.io import save_nifti
+from utils.itk import write_itk_displacement
 
 PAIRS_FOLDER = "pairs"
 WARPED_IM = "warped_im.nii.gz"
 WARPED_SEG = "warped_seg.nii.gz"
 DISPLACEMENT = "displacement.nii.gz"
+ITK_DISPLACEMENT = "displacement_itk.nii.gz"  # the same transformation for ITK, SimpleITK and ANTs (LPS)
 DISPLACEMENT_STD = "displacement_std.nii.gz"
 DET_JACOBIAN = "det_jacobian.nii.gz"
 SAMPLES_FOLDER = "samples"
@@ -69,11 +71,18 @@ class PairWriter:
         """A working-grid label volume (D, H, W), nearest-neighbour resampled, stored as int32."""
         return self.scalar(name, self._to_numpy(seg).astype(np.int64), "nearest", dtype=np.int32)
 
+    def _world(self, displacement) -> np.ndarray:
+        """Working-grid displacement (3, D, H, W), working voxels -> input grid (3, X, Y, Z), mm, RAS world axes."""
+        g = self.geometry
+        return displacement_to_input_world(self._to_numpy(displacement).astype(np.float64), g.input_affine,
+                                           g.input_shape, g.dims)
+
     def displacement(self, name: str, displacement) -> Path:
         """Working-grid displacement (3, D, H, W), working voxels -> vector image (X, Y, Z, 1, 3), mm, world axes."""
-        g = self.geometry
-        world = displacement_to_input_world(self._to_numpy(displacement).astype(np.float64), g.input_affine,
-                                            g.input_shape, g.dims)
         path = self.folder / name
-        save_nifti(path, np.moveaxis(world, 0, -1), g.input_affine, dtype=np.float32)
+        save_nifti(path, np.moveaxis(self._world(displacement), 0, -1), self.geometry.input_affine, dtype=np.float32)
         return path
+
+    def itk_displacement(self, name: str, displacement) -> Path:
+        """Working-grid displacement (3, D, H, W) -> ITK displacement field on the input grid (LPS mm, utils.itk)."""
+        return write_itk_displacement(self.folder / name, self._world(displacement), self.geometry.input_affine)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data_loader.dataset import PairDataset
 from data_loader.geometry import displacement_to_world
 from model.variational import QV
 from trainer import outputs
@@ -75,23 +76,30 @@ class BaseTester:
     """Registers every pair of the config's pairs file and writes the results into ``folder``.
 
     A subclass implements ``register_batch``; ``no_samples`` is the number of sampled transformations per pair.
-    Building a tester checks the data and the checkpoint and writes nothing; ``test`` writes.
+    Building a tester checks the data and the checkpoint and writes nothing; ``test`` writes. ``dataset`` and
+    ``labels`` replace the config's data and evaluation structures (register.py's single pair).
     """
 
     no_samples = 0
     transformation_name = "transformation"  # what the ``mean`` rows hold, for titles and the log
+    log_name = "test"  # the log file is <folder>/<log_name>.log
 
-    def __init__(self, config: RunConfig, folder: Path, context: Context):
+    def __init__(self, config: RunConfig, folder: Path, context: Context, dataset: PairDataset | None = None,
+                 labels: dict[str, int] | None = None):
         self.config, self.folder, self.context = config, Path(folder), context
-        self.dataset = build_dataset(config, context)
+        self.dataset = dataset if dataset is not None else build_dataset(config, context)
         self.loader = build_loader(self.dataset, config, context, shuffle=False)
-        self.labels = build_labels(config)
+        self.labels = labels if labels is not None else build_labels(config)
         self.notes: list[tuple[int, str]] = []  # (logging level, message) found by building, logged by test()
         self.logger = None  # made by test(): building writes nothing
 
     def register_batch(self, batch: dict, index: int) -> tuple[torch.Tensor, Iterable[torch.Tensor] | None]:
         """The method's displacement (B, 3, *dims), voxel units, and an iterable of sampled ones (or None)."""
         raise NotImplementedError
+
+    def pair_folder(self, pair_id: str) -> Path:
+        """Where the files of a pair go."""
+        return self.folder / outputs.PAIRS_FOLDER / pair_id
 
     @torch.no_grad()
     def evaluate_displacements(self, batch: dict, mean: torch.Tensor, samples: Iterable[torch.Tensor] | None,
@@ -133,7 +141,7 @@ class BaseTester:
         mean_im, mean_seg = warp_both(mean)
         rows += rows_of("mean", mean_seg, mean.cpu())
 
-        writers = [outputs.PairWriter(self.folder / outputs.PAIRS_FOLDER / identities[i]["pair_id"], geometries[i])
+        writers = [outputs.PairWriter(self.pair_folder(identities[i]["pair_id"]), geometries[i])
                    if keep[i] and self.config.trainer.save_outputs else None for i in range(batch_size)]
         world = torch.stack([torch.as_tensor(g.affine[:3, :3]) for g in geometries]).to(device, mean.dtype)
         moments = RunningMoments()
@@ -177,11 +185,15 @@ class BaseTester:
             if has_seg:
                 writer.labels(outputs.WARPED_SEG, mean_seg[i, 0])
             writer.displacement(outputs.DISPLACEMENT, mean[i])
+            try:
+                writer.itk_displacement(outputs.ITK_DISPLACEMENT, mean[i])
+            except ValueError as error:  # a sheared input affine has no ITK grid
+                self.logger.warning("%s: %s not written: %s", pair_id, outputs.ITK_DISPLACEMENT, error)
             if std is not None:
                 writer.scalar(outputs.DISPLACEMENT_STD, std[i], "linear")
             writer.scalar(outputs.DET_JACOBIAN, det_j[i], "linear")
         if self.config.trainer.save_figures:
-            pair_panel(self.folder / outputs.PAIRS_FOLDER / pair_id / outputs.PANEL,
+            pair_panel(self.pair_folder(pair_id) / outputs.PANEL,
                        batch["fixed"]["im"][i, 0].numpy(), batch["moving"]["im"][i, 0].numpy(),
                        mean_im[i, 0].numpy(), batch["fixed"]["seg"][i, 0].numpy() if has_seg else None,
                        mean_seg[i, 0].numpy() if has_seg else None,
@@ -191,7 +203,7 @@ class BaseTester:
 
     def test(self) -> list[dict]:
         """Register all pairs; rank 0 gathers, writes metrics.csv, summary.json and summary.png and prints a table."""
-        self.logger = get_logger(self.folder, self.context, "test")
+        self.logger = get_logger(self.folder, self.context, self.log_name)
         for level, message in self.notes:
             self.logger.log(level, message)
         rows, uncertainty, seconds, registered = [], {}, 0.0, 0
@@ -261,8 +273,9 @@ class Tester(BaseTester):
 
     transformation_name = "posterior mean"
 
-    def __init__(self, config: QVTestConfig, folder: Path, context: Context, checkpoint: dict | None = None):
-        super().__init__(config, folder, context)
+    def __init__(self, config: QVTestConfig, folder: Path, context: Context, checkpoint: dict | None = None,
+                 dataset: PairDataset | None = None, labels: dict[str, int] | None = None):
+        super().__init__(config, folder, context, dataset, labels)
         if checkpoint is not None and is_pretrained_model(checkpoint):  # it brings its metric; a run's must fit
             self.similarity = similarity_from_checkpoint(checkpoint, checkpoint["source"],
                                                          config.trainer.channels_last)

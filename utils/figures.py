@@ -4,19 +4,19 @@ Drawn on matplotlib ``Figure`` objects with the Agg canvas, never through pyplot
 and nothing is drawn on a screen, so it works on headless machines and inside training. Volumes are numpy arrays
 (D, H, W) on the NIfTI array axes; a slice across axis k is shown with the lower remaining axis horizontal and
 the higher one vertical (origin at the bottom left), and pixels get the aspect ratio of the voxel spacing.
+matplotlib is imported by the functions that draw, so importing this module (or the trainer) does not load it.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from utils.io import PathLike, atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 METRIC_TITLES = {"dice": "Dice", "asd_mm": "ASD (mm)", "hd95_mm": "HD95 (mm)"}
@@ -24,6 +24,8 @@ METRIC_TITLES = {"dice": "Dice", "asd_mm": "ASD (mm)", "hd95_mm": "HD95 (mm)"}
 
 def _save(figure: Figure, path: PathLike) -> Path:
     """Render ``figure`` with the Agg canvas and write it atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     FigureCanvasAgg(figure)
     with atomic_write(path) as tmp:
@@ -53,6 +55,8 @@ def pair_panel(path: PathLike, fixed: np.ndarray, moving: np.ndarray, warped: np
     (mm), uncertainty (std of the displacement over samples, mm) and det(Jacobian) (blue < 1 < red, 0 and below
     black). Images (D, H, W) in [0, 1]; ``displacement_mm`` (3, D, H, W); segmentations and uncertainty optional.
     """
+    from matplotlib.figure import Figure
+
     magnitude = np.sqrt((np.asarray(displacement_mm, dtype=np.float64) ** 2).sum(0))
     columns = [
         ("fixed", fixed, {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}),
@@ -103,11 +107,15 @@ def pair_panel(path: PathLike, fixed: np.ndarray, moving: np.ndarray, warped: np
 
 def _det_jacobian_cmap():
     """Diverging map for det J on [0, 2]: blue (compression) - white (1) - red (expansion), black at or below 0."""
+    from matplotlib import colormaps
+
     return colormaps["RdBu_r"].with_extremes(under="black")
 
 
 def _label_colours(count: int) -> list:
     """``count`` distinct colours for label contours."""
+    from matplotlib import colormaps
+
     cmap = colormaps["tab20"]
     return [cmap(i % cmap.N) for i in range(count)]
 
@@ -120,6 +128,9 @@ def comparison_boxplots(path: PathLike, results: Mapping[str, Mapping[str, Mappi
     (missing structures) are left out, and a structure without values leaves an empty slot. Structures are taken
     in the order of their first appearance.
     """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     names = list(results)
     if not names:
         raise ValueError("no results to compare")
@@ -166,6 +177,8 @@ def comparison_boxplots(path: PathLike, results: Mapping[str, Mapping[str, Mappi
 
 def _result_colour(index: int):
     """Colour of the ``index``-th compared result."""
+    from matplotlib import colormaps
+
     return colormaps["tab10"](index % 10)
 
 

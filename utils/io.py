@@ -99,7 +99,7 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+def spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     """The 3D shape of a stored shape; trailing singleton dimensions are accepted, anything else is not 3D."""
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):
         raise ValueError(f"{path}: expected a 3D image, got shape {tuple(shape)}")
@@ -110,7 +110,7 @@ def read_nifti_header(path: PathLike) -> tuple[tuple[int, int, int], np.ndarray]
     """(shape, affine (4, 4) float64) of a 3D NIfTI file, reading the header only."""
     path = Path(path)
     img = _open_nifti(path)
-    return _spatial_shape(img.shape, path), np.asarray(img.affine, dtype=np.float64)
+    return spatial_shape(img.shape, path), np.asarray(img.affine, dtype=np.float64)
 
 
 def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +122,7 @@ def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     img = _open_nifti(path)
-    shape = _spatial_shape(img.shape, path)
+    shape = spatial_shape(img.shape, path)
     try:
         if kind == "image":
             array = img.get_fdata(dtype=np.float32)
@@ -131,13 +131,20 @@ def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
             array = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated or corrupt data block
         raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
-    array = np.asarray(array).reshape(shape)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    return check_voxels(np.asarray(array).reshape(shape), kind, path), np.asarray(img.affine, dtype=np.float64)
 
+
+def check_voxels(array: np.ndarray, kind: str, path: PathLike) -> np.ndarray:
+    """Check and type the voxels of an image file of ``kind``; errors name ``path``.
+
+    image -> float32, all finite; mask -> bool (True where non-zero); seg -> int64. Masks and segmentations must
+    hold integer values.
+    """
     if kind == "image":
+        array = array.astype(np.float32, copy=False)
         if not np.isfinite(array).all():
             raise ValueError(f"{path}: image contains {np.count_nonzero(~np.isfinite(array))} NaN or Inf values")
-        return array, affine
+        return array
 
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
@@ -145,8 +152,8 @@ def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
     elif array.dtype.kind not in "iub":
         raise ValueError(f"{path}: {kind} has unsupported data type {array.dtype}")
     if kind == "mask":
-        return array != 0, affine
-    return array.astype(np.int64), affine
+        return array != 0
+    return array.astype(np.int64)
 
 
 def _storage_dtype(array: np.ndarray, path: Path) -> np.dtype:

@@ -1,0 +1,287 @@
+"""register.py: two image files in common formats -> test.py's outputs on the fixed grid, and an ITK transform that
+SimpleITK's resampler applies to the same result. Inputs are written by nibabel and converted by SimpleITK itself,
+so the geometry checks do not rely on the project's own conversions."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import register
+from data_loader.dataset import PairDataset
+from data_loader.demo import make_demo_dataset
+from data_loader.images import read_image, read_image_header
+from model.similarity import SimilarityMetric
+from model.variational import QF
+from trainer import outputs
+from trainer.checkpoint import save_checkpoint
+from trainer.registration import (PairFiles, PairTester, check_inputs, default_dims, reference_config,
+                                  registration_config)
+from utils.itk import write_itk_displacement
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 16
+# array axis 0 -> world +y (1.2 mm), axis 1 -> world +z (2.0 mm), axis 2 -> world -x (1.5 mm): rotated, flipped,
+# anisotropic, so that any slip between RAS and LPS, or between array and ITK index order, shows
+AFFINE = np.array([[0.0, 0.0, -1.5, 12.0],
+                   [1.2, 0.0, 0.0, -11.0],
+                   [0.0, 2.0, 0.0, -14.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+FAST = ["--iterations", "4", "--samples", "2", "--set", "trainer.save_figures=false", "--device", "cpu"]
+
+
+def nifti(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    """Write with nibabel alone (independent of utils.io)."""
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def converted(nii: Path, suffix: str) -> Path:
+    """The NIfTI file converted by SimpleITK (ITK's own RAS -> LPS reading) to another format."""
+    image = sitk.ReadImage(str(nii))
+    for key in image.GetMetaDataKeys():
+        image.EraseMetaData(key)
+    path = nii.with_name(nii.name.replace(".nii.gz", suffix))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_pair(tmp_path_factory) -> dict[str, Path]:
+    """A demo atlas and a shifted subject at 16^3 on AFFINE: fixed as .mha, moving as .nrrd, both also NIfTI."""
+    folder = tmp_path_factory.mktemp("pair")
+    make_demo_dataset(folder / "demo", no_subjects=2, size=SIZE, seed=3)
+    files = {}
+    for role, subject, suffix in (("fixed", "sub-01", ".mha"), ("moving", "sub-02", ".nrrd")):
+        for kind in ("im", "mask", "seg"):
+            array = np.asanyarray(nib.load(folder / "demo" / subject / f"{kind}.nii.gz").dataobj)
+            if role == "moving":  # content 2 voxels further along axis 1, so that registration has to move it
+                array = np.concatenate([np.zeros_like(array[:, :2]), array[:, :-2]], axis=1)
+            nii = nifti(folder / f"{role}_{kind}.nii.gz", array.astype(np.float32 if kind == "im" else np.int16))
+            files[f"{role}_{kind}_nii"] = nii
+            files[f"{role}_{kind}"] = converted(nii, suffix)
+    return files
+
+
+@pytest.fixture(scope="module")
+def registered(demo_pair, tmp_path_factory) -> Path:
+    """register.py run once on the .mha / .nrrd pair with both segmentations."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
+                   "--fixed-mask", str(demo_pair["fixed_mask"]), "--fixed-seg", str(demo_pair["fixed_seg"]),
+                   "--moving-seg", str(demo_pair["moving_seg"]), "--metric", "SSD", *FAST, "--iterations", "12",
+                   "--set", "optimizer_q_v.args.lr=0.5", "--set", "reg_loss.args.w_reg=0.2"])  # moves voxels
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".mgz"])
+def test_formats_read_as_nibabel_reads_the_nifti(demo_pair, suffix):
+    nii = demo_pair["fixed_seg_nii"]
+    if suffix == ".mgz":
+        path = nii.with_name("fixed_seg.mgz")
+        nib.save(nib.MGHImage(np.asanyarray(nib.load(nii).dataobj).astype(np.int32), AFFINE), path)
+    else:
+        path = converted(nii, suffix)
+    array, affine = read_image(path, "seg")
+    np.testing.assert_array_equal(array, np.asanyarray(nib.load(nii).dataobj))
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-5)
+    shape, header_affine = read_image_header(path)
+    assert shape == array.shape
+    np.testing.assert_allclose(header_affine, AFFINE, atol=1e-5)
+
+
+def test_itk_field_of_a_world_translation_shifts_the_array(tmp_path):
+    """A constant displacement of -3 mm along world x is +2 voxels along array axis 2 (AFFINE: axis 2 -> -1.5 x)."""
+    image = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    nifti(tmp_path / "im.nii.gz", image)
+    field = np.zeros((3, 6, 7, 8))
+    field[0] = -3.0  # mm, RAS world x
+    transform = tmp_path / "t.nii.gz"
+    write_itk_displacement(transform, field, AFFINE)
+    register.main(["apply", "--transform", str(transform), "--image", str(tmp_path / "im.nii.gz"),
+                   "--reference", str(tmp_path / "im.nii.gz"), "-o", str(tmp_path / "out.nrrd")])
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nrrd"))).transpose(2, 1, 0)
+    np.testing.assert_allclose(result[:, :, :6], image[:, :, 2:], atol=1e-6)
+    np.testing.assert_array_equal(result[:, :, 6:], 0.0)  # mapped outside the image
+
+
+def test_round_trip_writes_test_py_outputs_on_the_fixed_grid(registered, demo_pair):
+    for name in (outputs.WARPED_IM, outputs.WARPED_SEG, outputs.DISPLACEMENT, outputs.ITK_DISPLACEMENT,
+                 outputs.DISPLACEMENT_STD, outputs.DET_JACOBIAN, "metrics.csv", "summary.json", "config.json",
+                 f"{outputs.SAMPLES_FOLDER}/{outputs.sample_name('warped_seg', 1)}"):
+        assert (registered / name).is_file(), name
+    for name in (outputs.WARPED_IM, outputs.WARPED_SEG, outputs.DISPLACEMENT):
+        image = nib.load(registered / name)
+        assert image.shape[:3] == (SIZE,) * 3
+        np.testing.assert_allclose(image.affine, AFFINE, atol=1e-5)
+    assert not list(registered.parent.glob(".*partial*"))
+
+
+def test_itk_transform_reproduces_the_warped_outputs(registered, demo_pair, tmp_path):
+    """SimpleITK's resampler with displacement_itk.nii.gz on the moving .nrrd gives the project's own warped images."""
+    transform = sitk.DisplacementFieldTransform(
+        sitk.ReadImage(str(registered / outputs.ITK_DISPLACEMENT), sitk.sitkVectorFloat64))
+    fixed = sitk.ReadImage(str(demo_pair["fixed_im"]))
+    moving = sitk.ReadImage(str(demo_pair["moving_im"]), sitk.sitkFloat32)
+    low, high = sitk.GetArrayFromImage(moving).min(), sitk.GetArrayFromImage(moving).max()
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    ours = nib.load(registered / outputs.WARPED_IM).get_fdata()
+    theirs = (sitk.GetArrayFromImage(warped).transpose(2, 1, 0) - low) / (high - low)  # the loader's rescaling
+    assert np.abs(ours).max() > 0.5
+    np.testing.assert_allclose(theirs[1:-1, 1:-1, 1:-1], ours[1:-1, 1:-1, 1:-1], atol=1e-4)
+
+    seg = sitk.ReadImage(str(demo_pair["moving_seg"]))
+    warped_seg = sitk.Resample(seg, fixed, transform, sitk.sitkNearestNeighbor, 0)
+    ours_seg = np.asanyarray(nib.load(registered / outputs.WARPED_SEG).dataobj)
+    assert np.mean(sitk.GetArrayFromImage(warped_seg).transpose(2, 1, 0) != ours_seg) < 0.005
+    assert np.mean(ours_seg != np.asanyarray(nib.load(demo_pair["moving_seg_nii"]).dataobj)) > 0.01  # it moved
+    assert np.abs(nib.load(registered / outputs.DISPLACEMENT).get_fdata()).max() > 2.0  # mm, over a voxel
+
+    out = tmp_path / "warped_seg.nrrd"  # the apply command does the same
+    register.main(["apply", "--transform", str(registered / outputs.ITK_DISPLACEMENT), "--image",
+                   str(demo_pair["moving_seg"]), "--reference", str(demo_pair["fixed_im"]), "-o", str(out),
+                   "--labels"])
+    applied, affine = read_image(out, "seg")
+    np.testing.assert_array_equal(applied, sitk.GetArrayFromImage(warped_seg).transpose(2, 1, 0))
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-5)
+
+
+def test_moving_image_on_another_grid_is_resampled_in_world_space(demo_pair, tmp_path):
+    """A moving image stored one voxel shifted (same world content) loads exactly as the aligned one."""
+    shifted_affine = AFFINE.copy()
+    shifted_affine[:3, 3] += AFFINE[:3, :3] @ np.array([0.0, 1.0, 0.0])  # the grid starts one voxel later on axis 1
+    for kind in ("im", "seg"):
+        array = np.asanyarray(nib.load(demo_pair[f"moving_{kind}_nii"]).dataobj)
+        nifti(tmp_path / f"{kind}.nii.gz", np.ascontiguousarray(array[:, 1:]), shifted_affine)
+    aligned = check_inputs(PairFiles(demo_pair["fixed_im"], demo_pair["moving_im"],
+                                     moving_seg=demo_pair["moving_seg"]))
+    moved = check_inputs(PairFiles(demo_pair["fixed_im"], tmp_path / "im.nii.gz", moving_seg=tmp_path / "seg.nii.gz"))
+    assert aligned[1].file_grid is None and moved[1].file_grid is not None
+    loads = [PairDataset.from_subjects(subjects, [("fixed", "moving")], [SIZE] * 3).load_subject("moving")
+             for subjects in (aligned, moved)]
+    np.testing.assert_array_equal(loads[1]["seg"][0, :, :-1], loads[0]["seg"][0, :, :-1])
+    # the moving image's min-max rescaling sees one slice less; the content is the same where it exists
+    assert torch.corrcoef(torch.stack([loads[0]["im"][0, :, :-1].flatten(),
+                                       loads[1]["im"][0, :, :-1].flatten()]))[0, 1] > 0.9999
+
+
+def test_default_dims_and_config():
+    assert default_dims((40, 48, 40), 128) == [48, 48, 48]
+    assert default_dims((256, 256, 170), 128) == [128, 128, 128]
+    config = registration_config(reference_config("LCC", "SVF"), (256, 256, 170), ROOT, model="SVFFD",
+                                 iterations=7, samples=3)
+    assert config.data_loader.args.dims == [128, 128, 128]
+    assert config.transformation_module.type == "SVFFD_3D" and config.transformation_module.args.cps == [2, 2, 2]
+    assert (config.data_loss.type, config.trainer.no_iters_q_v, config.trainer.no_samples_test) == ("LCC", 7, 3)
+    assert config.reg_loss.args.w_reg == 2.0 and not config.model.args.learnable  # the reference's SVFFD LCC
+    assert registration_config(reference_config("SSD", "SVF"), (30, 30, 30), ROOT, dims=[24]).data_loader.args.dims \
+        == [24, 24, 24]
+
+
+def _bad(tmp_path: Path, demo_pair, **files) -> str:
+    """register.py's error message for the demo pair with some files replaced; nothing may be written."""
+    arguments = {"fixed": demo_pair["fixed_im"], "moving": demo_pair["moving_im"], **files}
+    argv = [item for key, value in arguments.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        register.main([*argv, "-o", str(out), *FAST])
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "inputs"]
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    return folder
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, inputs, demo_pair):
+    missing = inputs / "missing.nrrd"
+    assert str(missing) in _bad(tmp_path, demo_pair, moving=missing)
+
+    garbage = inputs / "garbage.mha"
+    garbage.write_bytes(b"not an image at all")
+    assert "cannot read image file" in _bad(tmp_path, demo_pair, moving=garbage)
+
+    four_d = nifti(inputs / "four_d.nii.gz", np.zeros((SIZE, SIZE, SIZE, 2), dtype=np.float32))
+    assert "expected a 3D image" in _bad(tmp_path, demo_pair, moving=converted(four_d, ".nrrd"))
+
+    far = AFFINE.copy()
+    far[:3, 3] += 200.0
+    far_away = nifti(inputs / "far.nii.gz", np.asanyarray(nib.load(demo_pair["moving_im_nii"]).dataobj), far)
+    assert "barely overlap" in _bad(tmp_path, demo_pair, moving=far_away)
+
+    small_mask = nifti(inputs / "mask.nii.gz", np.ones((SIZE, SIZE, SIZE - 1), dtype=np.uint8))
+    message = _bad(tmp_path, demo_pair, fixed_mask=small_mask)
+    assert "does not match its image" in message and str(small_mask) in message
+
+    moved_seg = nifti(inputs / "seg.nii.gz", np.asanyarray(nib.load(demo_pair["moving_seg_nii"]).dataobj), far)
+    assert "does not match its image" in _bad(tmp_path, demo_pair, moving_seg=moved_seg)
+
+
+def test_failure_during_registration_leaves_nothing(tmp_path, demo_pair, monkeypatch):
+    def broken(self):
+        (self.folder / "half-written.nii.gz").write_bytes(b"")
+        raise ValueError("stopped on purpose")
+
+    monkeypatch.setattr(PairTester, "test", broken)
+    with pytest.raises(ValueError, match="stopped on purpose"):
+        register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
+                       "-o", str(tmp_path / "out"), *FAST])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_must_be_new_or_empty(tmp_path, demo_pair):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
+                       "-o", str(tmp_path / "out"), *FAST])
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_checkpoint_of_another_metric_is_refused(tmp_path, demo_pair):
+    config = registration_config(reference_config("SSD", "SVF"), (SIZE,) * 3, ROOT).to_dict()
+    config["model"]["args"]["learnable"] = True
+    similarity = SimilarityMetric("SSD", learnable=True)
+    optimizer = torch.optim.Adam(similarity.parameters())
+    save_checkpoint(tmp_path / "ssd.pt", epoch=1, step=1, similarity=similarity, q_f=QF([SIZE] * 3, 0.1, 0.1),
+                    optimizer_theta=optimizer, optimizer_q_f=optimizer, config=config)
+    with pytest.raises(ValueError, match="learnt SSD metric, not LCC"):
+        register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
+                       "-o", str(tmp_path / "out"), "-r", str(tmp_path / "ssd.pt"), "--metric", "LCC", *FAST])
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_error_is_one_line(tmp_path, demo_pair):
+    result = subprocess.run([sys.executable, str(ROOT / "register.py"), "--fixed", str(demo_pair["fixed_im"]),
+                             "--moving", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(f"not found: {tmp_path}/nope.nii.gz")
+    assert not (tmp_path / "out").exists()
+
+
+def test_importing_the_math_loads_neither_matplotlib_nor_tensorboard():
+    code = ("import importlib, pkgutil, sys\n"
+            "import model, utils, data_loader, trainer\n"
+            "for package in (model, utils, data_loader, trainer):\n"
+            "    for module in pkgutil.iter_modules(package.__path__):\n"
+            "        importlib.import_module(f'{package.__name__}.{module.name}')\n"
+            "import register, test, train\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'tensorboard'}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "[]"
