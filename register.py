@@ -70,13 +70,21 @@ def parse_apply_args(argv: list[str]) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace, checkpoint: dict | None) -> dict:
     """The config the defaults come from: the checkpoint's (the setting its metric was learnt in), else the
-    reference's baseline test config of --metric and --model."""
+    reference's baseline test config of --metric and --model.
+
+    A checkpoint without a run config (a pretrained metric) gets the reference's config of its metric, learnable.
+    """
     if checkpoint is None:
         return reference_config(args.metric or DEFAULT_METRIC, args.model or DEFAULT_MODEL)
-    config = checkpoint["config"]
-    learnt = config["data_loss"]["type"]
+    learnt = checkpoint["similarity"]["type"]
     if args.metric is not None and args.metric != learnt:
         raise ConfigError(f"{args.checkpoint}: the checkpoint holds a learnt {learnt} metric, not {args.metric}")
+    if isinstance(checkpoint.get("config"), dict):
+        return checkpoint["config"]
+    config = reference_config(learnt, args.model or DEFAULT_MODEL)
+    metric = checkpoint.get("similarity_config") or {}
+    config["model"]["args"].update(learnable=True, **{key: metric[key] for key in ("s", "no_features")
+                                                      if key in metric})
     return config
 
 

@@ -3,6 +3,8 @@ SimpleITK's resampler applies to the same result. Inputs are written by nibabel 
 so the geometry checks do not rely on the project's own conversions."""
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -252,16 +254,33 @@ def test_output_folder_must_be_new_or_empty(tmp_path, demo_pair):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_checkpoint_of_another_metric_is_refused(tmp_path, demo_pair):
+def learnt_ssd_checkpoint(path: Path) -> Path:
+    """A checkpoint of train.py's layout: a Dirac-initialised learnable SSD metric with a training config."""
     config = registration_config(reference_config("SSD", "SVF"), (SIZE,) * 3, ROOT).to_dict()
     config["model"]["args"]["learnable"] = True
+    config["reg_loss"]["args"]["w_reg"] = 0.7  # the setting the metric was "trained" in
     similarity = SimilarityMetric("SSD", learnable=True)
     optimizer = torch.optim.Adam(similarity.parameters())
-    save_checkpoint(tmp_path / "ssd.pt", epoch=1, step=1, similarity=similarity, q_f=QF([SIZE] * 3, 0.1, 0.1),
+    save_checkpoint(path, epoch=1, step=1, similarity=similarity, q_f=QF([SIZE] * 3, 0.1, 0.1),
                     optimizer_theta=optimizer, optimizer_q_f=optimizer, config=config)
+    return path
+
+
+def test_learnt_metric_checkpoint_registers_in_its_training_setting(tmp_path, demo_pair):
+    checkpoint = learnt_ssd_checkpoint(tmp_path / "ssd.pt")
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
+                   "-o", str(tmp_path / "out"), "-r", str(checkpoint), *FAST, "--iterations", "2"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model"]["args"]["learnable"] and config["data_loss"]["type"] == "SSD"
+    assert config["reg_loss"]["args"]["w_reg"] == 0.7 and config["trainer"]["no_iters_q_v"] == 2
+    assert (tmp_path / "out" / outputs.ITK_DISPLACEMENT).is_file()
+
+
+def test_checkpoint_of_another_metric_is_refused(tmp_path, demo_pair):
+    checkpoint = learnt_ssd_checkpoint(tmp_path / "ssd.pt")
     with pytest.raises(ValueError, match="learnt SSD metric, not LCC"):
         register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
-                       "-o", str(tmp_path / "out"), "-r", str(tmp_path / "ssd.pt"), "--metric", "LCC", *FAST])
+                       "-o", str(tmp_path / "out"), "-r", str(checkpoint), "--metric", "LCC", *FAST])
     assert not (tmp_path / "out").exists()
 
 
@@ -285,3 +304,12 @@ def test_importing_the_math_loads_neither_matplotlib_nor_tensorboard():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'tensorboard'}))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_pretrained_metric_without_run_config_gets_the_reference_setting():
+    args = argparse.Namespace(metric=None, model="SVFFD", checkpoint="pretrained:LCC_learnt")
+    checkpoint = {"similarity": {"type": "LCC", "learnable": True}, "config": None,
+                  "similarity_config": {"kind": "LCC", "learnable": True, "s": 2, "no_features": [4, 8]}}
+    config = register.base_config(args, checkpoint)
+    assert config["transformation_module"]["type"] == "SVFFD_3D" and config["reg_loss"]["args"]["w_reg"] == 2.0
+    assert config["model"]["args"] == {**config["model"]["args"], "learnable": True, "s": 2, "no_features": [4, 8]}
