@@ -313,3 +313,15 @@ def test_pretrained_metric_without_run_config_gets_the_reference_setting():
     config = register.base_config(args, checkpoint)
     assert config["transformation_module"]["type"] == "SVFFD_3D" and config["reg_loss"]["args"]["w_reg"] == 2.0
     assert config["model"]["args"] == {**config["model"]["args"], "learnable": True, "s": 2, "no_features": [4, 8]}
+
+
+def test_apply_refuses_what_is_not_a_displacement_field(tmp_path, demo_pair):
+    def message(transform: Path) -> str:
+        with pytest.raises((ValueError, FileNotFoundError)) as error:
+            register.main(["apply", "--transform", str(transform), "--image", str(demo_pair["moving_im"]),
+                           "--reference", str(demo_pair["fixed_im"]), "-o", str(tmp_path / "out.nii.gz")])
+        assert not (tmp_path / "out.nii.gz").exists()
+        return str(error.value)
+
+    assert message(tmp_path / "none.nii.gz") == f"transform file not found: {tmp_path / 'none.nii.gz'}"
+    assert "expected a 3D displacement field with 3 components" in message(demo_pair["fixed_im"])

@@ -134,6 +134,8 @@ def labels_found(dataset: PairDataset) -> dict[str, int]:
 class PairTester(Tester):
     """The Tester of one pair: its files go straight into the output folder, not into pairs/<pair_id>/."""
 
+    log_name = "register"
+
     def pair_folder(self, pair_id: str) -> Path:
         return self.folder
 
