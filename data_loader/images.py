@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from utils.io import PathLike, atomic_write, check_voxels, load_nifti, read_nifti_header, save_nifti, spatial_shape
-from utils.itk import affine_from_itk, array_from_image, image_from_array
+from utils.itk import affine_from_itk, image_from_array
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MGH_SUFFIXES = (".mgz", ".mgh")

@@ -1,6 +1,5 @@
 """register.py: two image files in common formats -> test.py's outputs on the fixed grid, and an ITK transform that
-SimpleITK's resampler applies to the same result. Inputs are written by nibabel and converted by SimpleITK itself,
-so the geometry checks do not rely on the project's own conversions."""
+SimpleITK's resampler applies to the same result; bad inputs fail in one line and leave nothing written."""
 from __future__ import annotations
 
 import argparse
@@ -18,43 +17,18 @@ import torch
 import register
 from data_loader.dataset import PairDataset
 from data_loader.demo import make_demo_dataset
-from data_loader.images import read_image, read_image_header
+from data_loader.images import read_image
 from model.similarity import SimilarityMetric
 from model.variational import QF
 from trainer import outputs
 from trainer.checkpoint import save_checkpoint
 from trainer.registration import (PairFiles, PairTester, check_inputs, default_dims, reference_config,
                                   registration_config)
-from utils.itk import write_itk_displacement
+from tests.image_files import AFFINE, converted, nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
-# array axis 0 -> world +y (1.2 mm), axis 1 -> world +z (2.0 mm), axis 2 -> world -x (1.5 mm): rotated, flipped,
-# anisotropic, so that any slip between RAS and LPS, or between array and ITK index order, shows
-AFFINE = np.array([[0.0, 0.0, -1.5, 12.0],
-                   [1.2, 0.0, 0.0, -11.0],
-                   [0.0, 2.0, 0.0, -14.0],
-                   [0.0, 0.0, 0.0, 1.0]])
 FAST = ["--iterations", "4", "--samples", "2", "--set", "trainer.save_figures=false", "--device", "cpu"]
-
-
-def nifti(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
-    """Write with nibabel alone (independent of utils.io)."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    nib.save(image, path)
-    return path
-
-
-def converted(nii: Path, suffix: str) -> Path:
-    """The NIfTI file converted by SimpleITK (ITK's own RAS -> LPS reading) to another format."""
-    image = sitk.ReadImage(str(nii))
-    for key in image.GetMetaDataKeys():
-        image.EraseMetaData(key)
-    path = nii.with_name(nii.name.replace(".nii.gz", suffix))
-    sitk.WriteImage(image, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -83,37 +57,6 @@ def registered(demo_pair, tmp_path_factory) -> Path:
                    "--moving-seg", str(demo_pair["moving_seg"]), "--metric", "SSD", *FAST, "--iterations", "12",
                    "--set", "optimizer_q_v.args.lr=0.5", "--set", "reg_loss.args.w_reg=0.2"])  # moves voxels
     return out
-
-
-@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".mgz"])
-def test_formats_read_as_nibabel_reads_the_nifti(demo_pair, suffix):
-    nii = demo_pair["fixed_seg_nii"]
-    if suffix == ".mgz":
-        path = nii.with_name("fixed_seg.mgz")
-        nib.save(nib.MGHImage(np.asanyarray(nib.load(nii).dataobj).astype(np.int32), AFFINE), path)
-    else:
-        path = converted(nii, suffix)
-    array, affine = read_image(path, "seg")
-    np.testing.assert_array_equal(array, np.asanyarray(nib.load(nii).dataobj))
-    np.testing.assert_allclose(affine, AFFINE, atol=1e-5)
-    shape, header_affine = read_image_header(path)
-    assert shape == array.shape
-    np.testing.assert_allclose(header_affine, AFFINE, atol=1e-5)
-
-
-def test_itk_field_of_a_world_translation_shifts_the_array(tmp_path):
-    """A constant displacement of -3 mm along world x is +2 voxels along array axis 2 (AFFINE: axis 2 -> -1.5 x)."""
-    image = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
-    nifti(tmp_path / "im.nii.gz", image)
-    field = np.zeros((3, 6, 7, 8))
-    field[0] = -3.0  # mm, RAS world x
-    transform = tmp_path / "t.nii.gz"
-    write_itk_displacement(transform, field, AFFINE)
-    register.main(["apply", "--transform", str(transform), "--image", str(tmp_path / "im.nii.gz"),
-                   "--reference", str(tmp_path / "im.nii.gz"), "-o", str(tmp_path / "out.nrrd")])
-    result = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nrrd"))).transpose(2, 1, 0)
-    np.testing.assert_allclose(result[:, :, :6], image[:, :, 2:], atol=1e-6)
-    np.testing.assert_array_equal(result[:, :, 6:], 0.0)  # mapped outside the image
 
 
 def test_round_trip_writes_test_py_outputs_on_the_fixed_grid(registered, demo_pair):
@@ -290,7 +233,8 @@ def test_command_line_error_is_one_line(tmp_path, demo_pair):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(f"not found: {tmp_path}/nope.nii.gz")
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert lines[0].endswith(f"not found: {tmp_path / 'nope.nii.gz'}")
     assert not (tmp_path / "out").exists()
 
 

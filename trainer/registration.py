@@ -62,10 +62,11 @@ def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path,
                         dims: Sequence[int] | None = None, iterations: int | None = None,
                         samples: int | None = None, overrides: Sequence[str] = (), source: str = "register.py"
                         ) -> Config:
-    """The validated config of one registration: ``base`` (a reference or checkpoint config dict) with the
-    register.py settings, then ``overrides`` (``KEY.PATH=VALUE``, as test.py's --set).
+    """The validated config of one registration.
 
-    ``dims`` defaults to ``default_dims`` capped at the base config's largest dims (128 for the reference).
+    ``base`` (a reference or checkpoint config dict) gets the register.py settings, then ``overrides``
+    (``KEY.PATH=VALUE``, as test.py's --set). ``dims`` defaults to ``default_dims`` capped at the base config's
+    largest dims (128 for the reference); one size means a cube.
     """
     data = copy.deepcopy(base)
     data["name"] = "register"
@@ -88,8 +89,11 @@ def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path,
 
 
 def check_inputs(files: PairFiles) -> tuple[SubjectFiles, SubjectFiles]:
-    """The two subjects of a registration, from headers: every file readable and 3D, masks and segmentations on
-    their image's grid, images overlapping in world space. The moving one is put on the fixed image's grid."""
+    """The fixed and moving subjects of a registration, checked from the file headers.
+
+    Every file must be a readable 3D image, a mask or segmentation must be on its image's grid, and the images
+    must overlap in world space. The moving subject gets the fixed image's grid as its input grid.
+    """
     fixed_shape, fixed_affine = read_image_header(files.fixed)
     try:
         itk_from_affine(fixed_affine)

@@ -24,7 +24,8 @@ DIRECTION_TOLERANCE = 1e-4  # largest deviation from an orthonormal direction ma
 
 
 def affine_from_itk(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
-    """Voxel-to-world affine (4, 4), RAS mm, of an ITK grid: origin (3,), spacing (3,), direction (9,) row-major, LPS."""
+    """Voxel-to-world affine (4, 4), RAS mm, of an ITK grid: origin (3,), spacing (3,), direction (9,) row-major,
+    all in ITK's LPS convention."""
     matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3) * np.asarray(spacing, dtype=np.float64)
     affine = np.eye(4)
     affine[:3, :3] = LPS_FROM_RAS @ matrix
