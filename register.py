@@ -65,6 +65,7 @@ def parse_apply_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--reference", required=True, type=Path, help="image whose grid the output takes (the fixed)")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output file; format from its extension")
     parser.add_argument("--labels", action="store_true", help="a label map: nearest neighbour (default linear)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 
