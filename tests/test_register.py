@@ -122,12 +122,16 @@ def test_moving_image_on_another_grid_is_resampled_in_world_space(demo_pair, tmp
 def test_default_dims_and_config():
     assert default_dims((40, 48, 40), 128) == [48, 48, 48]
     assert default_dims((256, 256, 170), 128) == [128, 128, 128]
-    config = registration_config(reference_config("LCC", "SVF"), (256, 256, 170), ROOT, model="SVFFD",
-                                 iterations=7, samples=3)
-    assert config.data_loader.args.dims == [128, 128, 128]
+    config = registration_config(reference_config("LCC", "SVF"), (256, 256, 170), ROOT)
+    assert config.data_loader.args.dims == [128, 128, 128] and config.transformation_module.type == "SVF_3D"
+    assert (config.reg_loss.args.w_reg, config.optimizer_q_v.args.lr, config.trainer.no_iters_q_v) == (2.8, 0.02, 1344)
+    # --model takes that model's reference setting (SVFFD LCC: w_reg 2.0, lr 0.01, 1024 iterations), e.g. from the
+    # config of a checkpoint trained with SVF
+    config = registration_config(reference_config("LCC", "SVF"), (256, 256, 170), ROOT, model="SVFFD", samples=3)
     assert config.transformation_module.type == "SVFFD_3D" and config.transformation_module.args.cps == [2, 2, 2]
-    assert (config.data_loss.type, config.trainer.no_iters_q_v, config.trainer.no_samples_test) == ("LCC", 7, 3)
-    assert config.reg_loss.args.w_reg == 2.0 and not config.model.args.learnable  # the reference's SVFFD LCC
+    assert (config.reg_loss.args.w_reg, config.optimizer_q_v.args.lr, config.trainer.no_iters_q_v) == (2.0, 0.01, 1024)
+    assert (config.data_loss.type, config.trainer.no_samples_test, config.model.args.learnable) == ("LCC", 3, False)
+    assert registration_config(reference_config("LCC", "SVF"), (9,) * 3, ROOT, iterations=7).trainer.no_iters_q_v == 7
     assert registration_config(reference_config("SSD", "SVF"), (30, 30, 30), ROOT, dims=[24]).data_loader.args.dims \
         == [24, 24, 24]
 

@@ -64,14 +64,18 @@ def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path,
                         ) -> Config:
     """The validated config of one registration.
 
-    ``base`` (a reference or checkpoint config dict) gets the register.py settings, then ``overrides``
+    ``base`` (a reference or checkpoint config dict) gets the register.py settings (``model``: the reference's
+    transformation, w_reg, q_v lr and iterations of that model), then ``overrides``
     (``KEY.PATH=VALUE``, as test.py's --set). ``dims`` defaults to ``default_dims`` capped at the base config's
     largest dims (128 for the reference); one size means a cube.
     """
     data = copy.deepcopy(base)
     data["name"] = "register"
-    if model is not None:
-        data["transformation_module"] = reference_config(data["data_loss"]["type"], model)["transformation_module"]
+    if model is not None:  # the reference's registration setting of that model: w_reg, q_v lr and iterations differ
+        reference = reference_config(data["data_loss"]["type"], model)
+        for key in ("transformation_module", "reg_loss", "optimizer_q_v"):
+            data[key] = reference[key]
+        data["trainer"]["no_iters_q_v"] = reference["trainer"]["no_iters_q_v"]
     args = data["data_loader"]["args"]
     if dims is None:
         dims = default_dims(fixed_shape, max(args["dims"]))
