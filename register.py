@@ -21,6 +21,7 @@ from data_loader.images import read_image_header
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import add_common_arguments, run
 from trainer.outputs import ITK_DISPLACEMENT
+from trainer.pretrained import resolve_checkpoint
 from trainer.registration import (METRICS, MODELS, PairFiles, apply_transform, reference_config, register_files,
                                   registration_config)
 from utils.config import ConfigError
@@ -40,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--moving-seg", type=Path, help="segmentation of the moving image (warped, and for Dice)")
     parser.add_argument("--structures", type=Path, help="JSON structure name -> label id to evaluate (default: "
                         "every label of the segmentations)")
-    parser.add_argument("-r", "--checkpoint", help="learnt metric checkpoint of train.py (default: the baseline)")
+    parser.add_argument("-r", "--checkpoint", help="learnt metric: a checkpoint of train.py or pretrained:NAME "
+                        "(default: the baseline)")
     parser.add_argument("--metric", choices=METRICS, help=f"baseline metric (default {DEFAULT_METRIC}, or the "
                         "checkpoint's)")
     parser.add_argument("--model", choices=tuple(MODELS), help=f"transformation model (default {DEFAULT_MODEL}, "
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise ConfigError("register.py registers one pair in one process: start it with python, not torchrun")
     context = setup(args.device)
     try:
-        checkpoint = load_checkpoint(args.checkpoint, context.device) if args.checkpoint else None
+        checkpoint = (load_checkpoint(resolve_checkpoint(args.checkpoint), context.device) if args.checkpoint
+                      else None)
         fixed_shape, _ = read_image_header(args.fixed)
         config = registration_config(base_config(args, checkpoint), fixed_shape, args.fixed.resolve().parent,
                                      model=args.model, dims=args.dims, iterations=args.iterations,

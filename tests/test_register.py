@@ -273,3 +273,12 @@ def test_apply_refuses_what_is_not_a_displacement_field(tmp_path, demo_pair):
 
     assert message(tmp_path / "none.nii.gz") == f"transform file not found: {tmp_path / 'none.nii.gz'}"
     assert "expected a 3D displacement field with 3 components" in message(demo_pair["fixed_im"])
+
+
+def test_pretrained_metric_by_name(tmp_path, demo_pair):
+    """pretrained:demo_LCC (shipped in the repository) registers with its learnt LCC metric."""
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
+                   "-o", str(tmp_path / "out"), "-r", "pretrained:demo_LCC", *FAST, "--iterations", "2"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["data_loss"]["type"] == "LCC" and config["model"]["args"]["learnable"]
+    assert "metric of the checkpoint" in (tmp_path / "out" / "register.log").read_text()

@@ -23,7 +23,7 @@ from data_loader.dataset import DEFAULT_LABELS, PairDataset, SubjectFiles
 from data_loader.images import MIN_OVERLAP, read_image, read_image_header, same_grid, world_overlap, write_image
 from trainer.run_folder import write_config
 from trainer.tester import Tester
-from utils.config import Config, ConfigError, apply_overrides, parse_config
+from utils.config import ConfigError, QVTestConfig, apply_overrides, parse_config
 from utils.distributed import Context
 from utils.itk import array_from_image, image_from_array, itk_from_affine, read_displacement_transform, resample
 
@@ -61,7 +61,7 @@ def default_dims(input_shape: Sequence[int], largest: int) -> list[int]:
 def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path, *, model: str | None = None,
                         dims: Sequence[int] | None = None, iterations: int | None = None,
                         samples: int | None = None, overrides: Sequence[str] = (), source: str = "register.py"
-                        ) -> Config:
+                        ) -> QVTestConfig:
     """The validated config of one registration.
 
     ``base`` (a reference or checkpoint config dict) gets the register.py settings (``model``: the reference's
@@ -89,7 +89,7 @@ def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path,
         trainer["no_iters_q_v"] = iterations
     if samples is not None:
         trainer["no_samples_test"] = samples
-    return parse_config(apply_overrides(data, list(overrides)), CONFIGS, source)
+    return parse_config(apply_overrides(data, list(overrides)), CONFIGS, source, mode="test")
 
 
 def check_inputs(files: PairFiles) -> tuple[SubjectFiles, SubjectFiles]:
@@ -153,8 +153,8 @@ def _check_output(output: Path) -> None:
         raise ValueError(f"output {output} exists and is not an empty folder: choose another or remove it")
 
 
-def register_files(files: PairFiles, output: Path, config: Config, context: Context, checkpoint: dict | None = None,
-                   structures: dict[str, int] | None = None) -> dict:
+def register_files(files: PairFiles, output: Path, config: QVTestConfig, context: Context,
+                   checkpoint: dict | None = None, structures: dict[str, int] | None = None) -> dict:
     """Register ``files`` with ``config`` and write the results into ``output``; returns summary.json's content.
 
     Every input is checked and loaded before anything is written; the results are written into a hidden folder
