@@ -1,0 +1,405 @@
+// Trilinear sampling with border padding on the CPU, for utils/trilinear.py (loaded with ctypes).
+//
+// Same sampling as torch.nn.functional.grid_sample(mode="bilinear", padding_mode="border",
+// align_corners=True), written in voxel coordinates: a coordinate p along an axis of n voxels is clamped
+// to [0, n - 1], and its gradient is zero where p <= 0 or p >= n - 1 (as in ATen, borders count as
+// outside). Plain C++17 with std::thread and no torch headers, so that it compiles in about a second.
+//
+// Layouts (all contiguous, element strides):
+//   velocity, displacement, gradients at the interface: (B, 3, D, H, W), channel k along array axis k
+//   image: (B, C, D, H, W)
+//   history of scaling and squaring: (N, B, D, H, W, 3), the three components of a voxel side by side,
+//   so that one corner of a trilinear sample is one cache line.
+// Work is split over the B * D planes (b, z); the scatter of the backward pass goes to one private buffer
+// per thread that spans only the planes that thread can touch, and the buffers are summed afterwards.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <new>
+#include <thread>
+#include <vector>
+
+namespace {
+
+template <class Body>
+void parallel_for(int64_t n, int threads, const Body& body) {
+  // body(begin, end, worker) over [0, n) in contiguous chunks; the calling thread takes the first one
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (workers == 1) {
+    body(int64_t{0}, n, 0);
+    return;
+  }
+  const int64_t chunk = (n + workers - 1) / workers;
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < workers && t * chunk < n; ++t)
+    pool.emplace_back(body, t * chunk, std::min(n, (t + 1) * chunk), static_cast<int>(t));
+  body(int64_t{0}, std::min(n, chunk), 0);
+  for (auto& thread : pool) thread.join();
+}
+
+template <class T>
+struct Axis {
+  int64_t i0, i1;  // the two neighbouring voxels (i1 = i0 at the far border)
+  T w0, w1;        // their weights
+  T mask;          // 1 inside (0, n - 1), else 0: the coordinate's gradient factor
+  bool nan;  // the coordinate is NaN: the sample becomes NaN
+};
+
+// The sample point i + u along an axis of n voxels. The cell and the weight come from u and the integer i
+// separately: floor(u) and u - floor(u) are exact (or, for -1 < u < 0, within half an ulp of 1), so a small u
+// keeps all its digits; forming i + u first would round it to the spacing of the floats near i.
+template <class T>
+inline Axis<T> make_axis(int64_t i, T u, int64_t n) {
+  Axis<T> a;
+  a.nan = std::isnan(u);
+  if (!(u > static_cast<T>(-i))) {  // p <= 0 (or NaN): clamped to the first voxel
+    a.i0 = 0;
+    a.i1 = std::min<int64_t>(1, n - 1);
+    a.w0 = T(1);
+    a.w1 = T(0);
+    a.mask = T(0);
+  } else if (u >= static_cast<T>(n - 1 - i)) {  // p >= n - 1: clamped to the last voxel
+    a.i0 = a.i1 = n - 1;
+    a.w0 = T(1);
+    a.w1 = T(0);
+    a.mask = T(0);
+  } else {  // |u| < n here, so the conversion is safe
+    int64_t floor_u = static_cast<int64_t>(u);
+    floor_u -= static_cast<T>(floor_u) > u;
+    a.i0 = i + floor_u;
+    a.i1 = std::min(a.i0 + 1, n - 1);
+    a.w1 = u - static_cast<T>(floor_u);
+    a.w0 = T(1) - a.w1;
+    a.mask = T(1);
+  }
+  return a;
+}
+
+template <class T>
+struct Corners {
+  // element offsets of the 8 corners, index bits (z, y, x)
+  int64_t offset[8];
+  T weight[8];
+};
+
+template <class T>
+inline Corners<T> corners(const Axis<T>& z, const Axis<T>& y, const Axis<T>& x, int64_t sz, int64_t sy,
+                          int64_t sx) {
+  Corners<T> c;
+  const int64_t zs[2] = {z.i0 * sz, z.i1 * sz}, ys[2] = {y.i0 * sy, y.i1 * sy}, xs[2] = {x.i0 * sx, x.i1 * sx};
+  const T wz[2] = {z.w0, z.w1}, wy[2] = {y.w0, y.w1}, wx[2] = {x.w0, x.w1};
+  for (int k = 0; k < 8; ++k) {
+    c.offset[k] = zs[k >> 2] + ys[(k >> 1) & 1] + xs[k & 1];
+    c.weight[k] = wz[k >> 2] * wy[(k >> 1) & 1] * wx[k & 1];
+  }
+  return c;
+}
+
+// value of one channel at the sample point, and its derivative along z, y, x (before the border mask)
+template <class T>
+inline void sample_with_gradient(const T* base, const Corners<T>& c, const Axis<T>& z, const Axis<T>& y,
+                                 const Axis<T>& x, T* value, T* dz, T* dy, T* dx) {
+  T v[8];
+  for (int k = 0; k < 8; ++k) v[k] = base[c.offset[k]];
+  // lines along x, then planes along y
+  const T l00 = x.w0 * v[0] + x.w1 * v[1], l01 = x.w0 * v[2] + x.w1 * v[3];
+  const T l10 = x.w0 * v[4] + x.w1 * v[5], l11 = x.w0 * v[6] + x.w1 * v[7];
+  const T p0 = y.w0 * l00 + y.w1 * l01, p1 = y.w0 * l10 + y.w1 * l11;
+  *value = z.w0 * p0 + z.w1 * p1;
+  *dz = p1 - p0;
+  *dy = z.w0 * (l01 - l00) + z.w1 * (l11 - l10);
+  *dx = z.w0 * (y.w0 * (v[1] - v[0]) + y.w1 * (v[3] - v[2])) + z.w1 * (y.w0 * (v[5] - v[4]) + y.w1 * (v[7] - v[6]));
+}
+
+template <class T>
+inline T sample(const T* base, const Corners<T>& c) {
+  T value = T(0);
+  for (int k = 0; k < 8; ++k) value += c.weight[k] * base[c.offset[k]];
+  return value;
+}
+
+struct Grid {
+  int64_t B, D, H, W;
+  int64_t plane() const { return H * W; }
+  int64_t volume() const { return D * H * W; }
+};
+
+// ------------------------------------------------------------------------------ scaling and squaring
+
+// u_{k+1}(x) = u_k(x) + u_k(x + u_k(x)) for the planes [begin, end); the last step writes channels-first
+template <class T>
+void squaring_step(const Grid& g, const T* u, T* next_cl, T* next_cf, int64_t begin, int64_t end) {
+  const int64_t sx = 3, sy = 3 * g.W, sz = 3 * g.W * g.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.D, z = row % g.D;
+    const T* field = u + b * g.volume() * 3;
+    for (int64_t y = 0; y < g.H; ++y) {
+      for (int64_t x = 0; x < g.W; ++x) {
+        const int64_t voxel = (z * g.H + y) * g.W + x;
+        const T* own = field + 3 * voxel;
+        const Axis<T> az = make_axis<T>(z, own[0], g.D), ay = make_axis<T>(y, own[1], g.H),
+                      ax = make_axis<T>(x, own[2], g.W);
+        const Corners<T> c = corners(az, ay, ax, sz, sy, sx);
+        const T bad = (az.nan || ay.nan || ax.nan) ? T(NAN) : T(0);
+        for (int k = 0; k < 3; ++k) {
+          const T value = own[k] + sample(field + k, c) + bad;
+          if (next_cf != nullptr)
+            next_cf[(b * 3 + k) * g.volume() + voxel] = value;
+          else
+            next_cl[(b * g.volume() + voxel) * 3 + k] = value;
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+int svf_forward(const T* velocity, T* history, T* out, int64_t B, int64_t D, int64_t H, int64_t W,
+                int64_t steps, T scale, int threads) {
+  const Grid g{B, D, H, W};
+  const int64_t volume = g.volume(), field = B * volume * 3, rows = B * D;
+  // u_0 = scale * v, channels-last
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / D, z = row % D;
+      for (int64_t i = z * g.plane(); i < (z + 1) * g.plane(); ++i)
+        for (int k = 0; k < 3; ++k) history[(b * volume + i) * 3 + k] = scale * velocity[(b * 3 + k) * volume + i];
+    }
+  });
+  for (int64_t step = 0; step < steps; ++step) {
+    const T* u = history + step * field;
+    const bool last = step + 1 == steps;
+    T* next_cl = last ? nullptr : history + (step + 1) * field;
+    T* next_cf = last ? out : nullptr;
+    parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
+      squaring_step(g, u, next_cl, next_cf, begin, end);
+    });
+  }
+  return 0;
+}
+
+// dL/du_k from dL/du_{k+1} (both channels-last): the identity, the gradient through the sample point, and
+// the scatter of the sampled values' gradient to the 8 corners
+template <class T>
+void squaring_step_backward(const Grid& g, const T* u, const T* grad_next, T* grad, T* scatter, int64_t scatter_row0,
+                            bool accumulate_own, int64_t begin, int64_t end) {
+  const int64_t sx = 3, sy = 3 * g.W, sz = 3 * g.W * g.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.D, z = row % g.D;
+    const T* field = u + b * g.volume() * 3;
+    // scatter targets of this pair: plane (b, z') lives at (b * D + z' - scatter_row0) * plane * 3
+    T* target = scatter + (b * g.D - scatter_row0) * g.plane() * 3;
+    for (int64_t y = 0; y < g.H; ++y) {
+      for (int64_t x = 0; x < g.W; ++x) {
+        const int64_t voxel = (z * g.H + y) * g.W + x;
+        const int64_t at = (b * g.volume() + voxel) * 3;
+        const T* own = field + 3 * voxel;
+        const Axis<T> az = make_axis<T>(z, own[0], g.D), ay = make_axis<T>(y, own[1], g.H),
+                      ax = make_axis<T>(x, own[2], g.W);
+        const Corners<T> c = corners(az, ay, ax, sz, sy, sx);
+        const T go[3] = {grad_next[at], grad_next[at + 1], grad_next[at + 2]};
+        T gz = T(0), gy = T(0), gx = T(0);
+        for (int k = 0; k < 3; ++k) {
+          T value, dz, dy, dx;
+          sample_with_gradient(field + k, c, az, ay, ax, &value, &dz, &dy, &dx);
+          gz += go[k] * dz;
+          gy += go[k] * dy;
+          gx += go[k] * dx;
+        }
+        const T own_grad[3] = {go[0] + az.mask * gz, go[1] + ay.mask * gy, go[2] + ax.mask * gx};
+        for (int k = 0; k < 3; ++k) {
+          if (accumulate_own)
+            grad[at + k] += own_grad[k];
+          else
+            grad[at + k] = own_grad[k];
+        }
+        for (int corner = 0; corner < 8; ++corner) {
+          T* t = target + c.offset[corner];
+          const T w = c.weight[corner];
+          t[0] += w * go[0];
+          t[1] += w * go[1];
+          t[2] += w * go[2];
+        }
+      }
+    }
+  }
+}
+
+// the planes (b * D + z') that the corners of samples from planes [begin, end) can touch
+template <class T>
+void touched_rows(const Grid& g, const T* u, int64_t begin, int64_t end, int64_t* lo, int64_t* hi) {
+  int64_t low = INT64_MAX, high = -1;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.D, z = row % g.D;
+    const T* field = u + (b * g.volume() + z * g.plane()) * 3;
+    int64_t zmin = g.D, zmax = -1;
+    for (int64_t i = 0; i < g.plane(); ++i) {
+      const Axis<T> az = make_axis<T>(z, field[3 * i], g.D);
+      zmin = std::min(zmin, az.i0);
+      zmax = std::max(zmax, az.i1);
+    }
+    low = std::min(low, b * g.D + zmin);
+    high = std::max(high, b * g.D + zmax);
+  }
+  *lo = low;
+  *hi = high;
+}
+
+template <class T>
+int svf_backward(const T* history, const T* grad_out, T* grad_velocity, int64_t B, int64_t D, int64_t H, int64_t W,
+                 int64_t steps, T scale, int threads) {
+  const Grid g{B, D, H, W};
+  const int64_t volume = g.volume(), field = B * volume * 3, rows = B * D, plane3 = g.plane() * 3;
+  const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  std::vector<T> grad_a, grad_b;
+  std::vector<std::vector<T>> buffers(workers > 1 ? workers : 0);
+  std::vector<int64_t> lo(workers), hi(workers);
+  try {
+    grad_a.resize(field);
+    grad_b.resize(field);
+  } catch (const std::bad_alloc&) {
+    return 1;
+  }
+  // dL/du_N, channels-last
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / D, z = row % D;
+      for (int64_t i = z * g.plane(); i < (z + 1) * g.plane(); ++i)
+        for (int k = 0; k < 3; ++k) grad_a[(b * volume + i) * 3 + k] = grad_out[(b * 3 + k) * volume + i];
+    }
+  });
+  T* grad_next = grad_a.data();
+  T* grad = grad_b.data();
+  for (int64_t step = steps - 1; step >= 0; --step) {
+    const T* u = history + step * field;
+    if (workers == 1) {
+      std::fill(grad, grad + field, T(0));
+      squaring_step_backward(g, u, grad_next, grad, grad, 0, true, 0, rows);
+    } else {
+      const int64_t chunk = (rows + workers - 1) / workers;
+      parallel_for(rows, workers, [&](int64_t begin, int64_t end, int worker) {
+        touched_rows(g, u, begin, end, &lo[worker], &hi[worker]);
+      });
+      try {
+        for (int t = 0; t < workers; ++t) {
+          const int64_t size = t * chunk < rows && hi[t] >= lo[t] ? (hi[t] - lo[t] + 1) * plane3 : 0;
+          buffers[t].assign(size, T(0));
+        }
+      } catch (const std::bad_alloc&) {
+        return 1;
+      }
+      parallel_for(rows, workers, [&](int64_t begin, int64_t end, int worker) {
+        squaring_step_backward(g, u, grad_next, grad, buffers[worker].data(), lo[worker], false, begin, end);
+      });
+      parallel_for(rows, workers, [&](int64_t begin, int64_t end, int) {
+        for (int64_t row = begin; row < end; ++row)
+          for (int t = 0; t < workers; ++t) {
+            if (buffers[t].empty() || row < lo[t] || row > hi[t]) continue;
+            const T* source = buffers[t].data() + (row - lo[t]) * plane3;
+            T* destination = grad + row * plane3;
+            for (int64_t i = 0; i < plane3; ++i) destination[i] += source[i];
+          }
+      });
+    }
+    std::swap(grad, grad_next);
+  }
+  // dL/dv = scale * dL/du_0, channels-first
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / D, z = row % D;
+      for (int64_t i = z * g.plane(); i < (z + 1) * g.plane(); ++i)
+        for (int k = 0; k < 3; ++k) grad_velocity[(b * 3 + k) * volume + i] = scale * grad_next[(b * volume + i) * 3 + k];
+    }
+  });
+  return 0;
+}
+
+// --------------------------------------------------------------------------------------------- warping
+
+template <class T>
+int warp_forward(const T* image, const T* displacement, T* out, int64_t B, int64_t C, int64_t D, int64_t H,
+                 int64_t W, int threads) {
+  const Grid g{B, D, H, W};
+  const int64_t volume = g.volume();
+  parallel_for(B * D, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / D, z = row % D;
+      const T* d = displacement + b * 3 * volume;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t x = 0; x < W; ++x) {
+          const int64_t voxel = (z * H + y) * W + x;
+          const Axis<T> az = make_axis<T>(z, d[voxel], D), ay = make_axis<T>(y, d[volume + voxel], H),
+                        ax = make_axis<T>(x, d[2 * volume + voxel], W);
+          const Corners<T> c = corners(az, ay, ax, H * W, W, int64_t{1});
+          const T bad = (az.nan || ay.nan || ax.nan) ? T(NAN) : T(0);
+          for (int64_t k = 0; k < C; ++k)
+            out[(b * C + k) * volume + voxel] = sample(image + (b * C + k) * volume, c) + bad;
+        }
+    }
+  });
+  return 0;
+}
+
+template <class T>
+int warp_backward(const T* image, const T* displacement, const T* grad_out, T* grad_displacement, int64_t B,
+                  int64_t C, int64_t D, int64_t H, int64_t W, int threads) {
+  const Grid g{B, D, H, W};
+  const int64_t volume = g.volume();
+  parallel_for(B * D, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / D, z = row % D;
+      const T* d = displacement + b * 3 * volume;
+      T* gd = grad_displacement + b * 3 * volume;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t x = 0; x < W; ++x) {
+          const int64_t voxel = (z * H + y) * W + x;
+          const Axis<T> az = make_axis<T>(z, d[voxel], D), ay = make_axis<T>(y, d[volume + voxel], H),
+                        ax = make_axis<T>(x, d[2 * volume + voxel], W);
+          const Corners<T> c = corners(az, ay, ax, H * W, W, int64_t{1});
+          T gz = T(0), gy = T(0), gx = T(0);
+          for (int64_t k = 0; k < C; ++k) {
+            T value, dz, dy, dx;
+            const T go = grad_out[(b * C + k) * volume + voxel];
+            sample_with_gradient(image + (b * C + k) * volume, c, az, ay, ax, &value, &dz, &dy, &dx);
+            gz += go * dz;
+            gy += go * dy;
+            gx += go * dx;
+          }
+          gd[voxel] = az.mask * gz;
+          gd[volume + voxel] = ay.mask * gy;
+          gd[2 * volume + voxel] = ax.mask * gx;
+        }
+    }
+  });
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int learnsim_trilinear_abi() { return 1; }
+
+#define LEARNSIM_EXPORT(T, SUFFIX)                                                                              \
+  int svf_forward_##SUFFIX(const T* velocity, T* history, T* out, int64_t B, int64_t D, int64_t H, int64_t W,     \
+                           int64_t steps, double scale, int threads) {                                           \
+    return svf_forward<T>(velocity, history, out, B, D, H, W, steps, static_cast<T>(scale), threads);            \
+  }                                                                                                              \
+  int svf_backward_##SUFFIX(const T* history, const T* grad_out, T* grad_velocity, int64_t B, int64_t D,          \
+                            int64_t H, int64_t W, int64_t steps, double scale, int threads) {                    \
+    return svf_backward<T>(history, grad_out, grad_velocity, B, D, H, W, steps, static_cast<T>(scale), threads); \
+  }                                                                                                              \
+  int warp_forward_##SUFFIX(const T* image, const T* displacement, T* out, int64_t B, int64_t C, int64_t D,       \
+                            int64_t H, int64_t W, int threads) {                                                 \
+    return warp_forward<T>(image, displacement, out, B, C, D, H, W, threads);                                    \
+  }                                                                                                              \
+  int warp_backward_##SUFFIX(const T* image, const T* displacement, const T* grad_out, T* grad_displacement,      \
+                             int64_t B, int64_t C, int64_t D, int64_t H, int64_t W, int threads) {               \
+    return warp_backward<T>(image, displacement, grad_out, grad_displacement, B, C, D, H, W, threads);            \
+  }
+
+LEARNSIM_EXPORT(float, f32)
+LEARNSIM_EXPORT(double, f64)
+
+}  // extern "C"
