@@ -9,9 +9,16 @@ random numbers in [0, 1] inside a spherical mask (the cost does not depend on th
 
     python -m benchmarks.speed --grids 64 --device cpu --out benchmarks/results/speed_cpu.json
     python -m benchmarks.speed --grids 64 --models SVF --metrics SSD --processes 1 2 --out ...
+    python -m benchmarks.speed --grids 64 --compare main --rounds 3 --out ...
 
 Times are medians over ``--repeats`` iterations after ``--warmup`` iterations; the spread is given as the
 interquartile range and the extremes. ``--append`` merges the results into an existing JSON file.
+
+``--compare REV`` checks out the git revision REV into a temporary worktree (removed at the end) and times
+every configuration there and in the working tree, in ``--rounds`` interleaved rounds (REV, then the working
+tree, each in a fresh process with the same threads and seed); the ratio of the medians over the rounds, and
+the median of the per-round ratios, say how much faster the working tree is. Interleaving makes the ratios
+robust to a load that changes slowly, as on a shared machine.
 """
 from __future__ import annotations
 
@@ -22,13 +29,16 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -245,15 +255,66 @@ def bench_configuration(spec: dict) -> dict:
     return result
 
 
-def run_in_subprocess(spec: dict) -> dict:
-    """bench_configuration in a fresh interpreter, so that its peak memory is its own."""
+def run_in_subprocess(spec: dict, root: Path = ROOT) -> dict:
+    """bench_configuration of the code in ``root`` in a fresh interpreter, so that its peak memory is its own."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         command = [sys.executable, "-m", "benchmarks.speed", "--worker", json.dumps(spec), "--worker-out", str(out)]
-        done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run(command, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
         if done.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"benchmark worker failed for {spec}:\n{done.stdout[-4000:]}")
+            raise RuntimeError(f"benchmark worker in {root} failed for {spec}:\n{done.stdout[-4000:]}")
         return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------- comparison with a git revision
+
+
+def git(*arguments: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *arguments], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def code_state(root: Path = ROOT) -> dict:
+    """Commit of ``root`` and whether its tracked files differ from it."""
+    return {"commit": git("rev-parse", "HEAD", cwd=root),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", cwd=root))}
+
+
+@contextmanager
+def revision_worktree(revision: str) -> Iterator[Path]:
+    """A temporary detached git worktree of ``revision``; removed (and pruned) on exit, whatever happens."""
+    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}")
+    folder = Path(tempfile.mkdtemp(prefix="learnsim-speed-"))
+    tree = folder / "tree"
+    try:
+        git("worktree", "add", "--detach", str(tree), commit)
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+
+
+def compare_rounds(spec: dict, revision_root: Path, rounds: int) -> tuple[dict, list[dict], list[dict]]:
+    """``rounds`` x (revision, working tree), interleaved; the comparison row and both lists of results."""
+    before, after = [], []
+    for _ in range(rounds):
+        before.append(run_in_subprocess(spec, revision_root))
+        after.append(run_in_subprocess(spec, ROOT))
+    row = {k: spec[k] for k in KEY_FIELDS} | {"rounds": rounds}
+    for name in ("q_v_iteration_s", "q_v_iteration_cpu_s", "theta_step_s", "theta_step_cpu_s"):
+        if all(name in r for r in before + after):
+            a = [r[name]["median"] for r in before]
+            b = [r[name]["median"] for r in after]
+            row[name] = {"revision": a, "working_tree": b,
+                         "ratio_of_medians": statistics.median(a) / statistics.median(b),
+                         "median_of_ratios": statistics.median(x / y for x, y in zip(a, b))}
+    for name in ("peak_rss_q_v_mib", "peak_rss_mib", "peak_cuda_q_v_mib", "peak_cuda_theta_mib"):
+        if all(name in r for r in before + after):
+            row[name] = {"revision": max(r[name] for r in before), "working_tree": max(r[name] for r in after)}
+    row["loadavg"] = [r["loadavg_start"][0] for r in before + after]
+    return row, before, after
 
 
 # ----------------------------------------------------------------------------- scaling with processes
@@ -337,6 +398,8 @@ def voxel_scaling(results: list[dict]) -> list[dict]:
         members = sorted(members, key=lambda r: r["grid"])
         base = members[0]
         for r in members[1:]:
+            if r["grid"] == base["grid"]:  # another round of the same configuration
+                continue
             rows.append({**{k: r.get(k) for k in KEY_FIELDS if k != "grid"}, "from_grid": base["grid"],
                          "to_grid": r["grid"], "voxel_ratio": (r["grid"] / base["grid"]) ** 3,
                          "time_ratio": r["q_v_iteration_s"]["median"] / base["q_v_iteration_s"]["median"]})
@@ -366,6 +429,27 @@ def format_table(report: dict) -> str:
                      f"| {r['threads']} | {_flags(r)} | {q['median']:.4f} [{q['q1']:.4f}, {q['q3']:.4f}] "
                      f"({q['min']:.4f}-{q['max']:.4f}, {q['n']}) | {c['median']:.4f} | {theta} "
                      f"| {r['peak_rss_q_v_mib']:.0f} / {r['peak_rss_mib']:.0f} | {cuda} | {whole} |")
+    if report.get("comparison"):
+        comparison = report["comparison"]
+        lines += ["", f"Against {comparison['revision']} ({comparison['commit'][:10]}), {comparison['rounds']} "
+                      "interleaved round(s): medians over rounds, revision -> working tree; speed-up = ratio of the "
+                      "medians (median of the per-round ratios)", "",
+                  "| model | metric | variant | grid | threads | q_v s/iter | speed-up | q_v CPU s/iter | speed-up (CPU) "
+                  "| theta/q_f s/step | speed-up | peak RSS MiB |", "|" + "---|" * 12]
+
+        def cell(row: dict, name: str) -> tuple[str, str]:
+            x = row.get(name)
+            if not x:
+                return "-", "-"
+            return (f"{statistics.median(x['revision']):.4f} -> {statistics.median(x['working_tree']):.4f}",
+                    f"{x['ratio_of_medians']:.2f}x ({x['median_of_ratios']:.2f}x)")
+
+        for row in comparison["rows"]:
+            memory = row.get("peak_rss_mib")
+            memory = f"{memory['revision']:.0f} -> {memory['working_tree']:.0f}" if memory else "-"
+            cells = [c for name in ("q_v_iteration_s", "q_v_iteration_cpu_s", "theta_step_s") for c in cell(row, name)]
+            lines.append(f"| {row['model']} | {row['metric']} | {row['variant']} | {row['grid']}^3 | {row['threads']} "
+                         f"| {' | '.join(cells)} | {memory} |")
     scaling = report.get("scaling", {})
     if scaling.get("processes"):
         spec = scaling.get("spec") or {}
@@ -396,9 +480,12 @@ def merge(old: dict, new: dict) -> dict:
     replaced_runs = {key_runs(x) for x in new_processes}
     processes = [x for x in old.get("scaling", {}).get("processes", []) if key_runs(x) not in replaced_runs]
     scaling_spec = new["scaling"].get("spec") or old.get("scaling", {}).get("spec")
-    return {"runs": old.get("runs", []) + new["runs"], "results": results,
-            "scaling": {"spec": scaling_spec, "processes": processes + new_processes,
-                        "voxels": voxel_scaling(results)}}
+    merged = {"runs": old.get("runs", []) + new["runs"], "results": results,
+              "scaling": {"spec": scaling_spec, "processes": processes + new_processes,
+                          "voxels": voxel_scaling(results)}}
+    if new.get("comparison") or old.get("comparison"):
+        merged["comparison"] = new.get("comparison") or old.get("comparison")
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -433,6 +520,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="trainer.channels_last: the learnt metric's convolutions on NDHWC tensors")
     parser.add_argument("--compile", action="store_true",
                         help="experiment: wrap Energy.q_v_loss in torch.compile (q_v iterations only)")
+    parser.add_argument("--compare", metavar="REV",
+                        help="also time git revision REV (e.g. main) in a temporary worktree, interleaved with the "
+                             "working tree, and report the speed-ups")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration with --compare")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON file for the results")
     parser.add_argument("--append", action="store_true", help="merge into --out if it exists")
@@ -441,6 +532,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     return args
@@ -453,21 +546,31 @@ def main(argv=None) -> dict | None:
         return None
     torch.set_num_threads(args.threads)
     run = {"command": " ".join(["python -m benchmarks.speed"] + (sys.argv[1:] if argv is None else list(argv))),
-           "machine": machine_info(args.device)}
+           "machine": machine_info(args.device), "code": code_state()}
     common = {"device": args.device, "batch": args.batch, "cps": args.cps, "threads": args.threads,
               "seed": args.seed, "flush_denormal": args.flush_denormal, "channels_last": args.channels_last,
               "compile": args.compile}
-    results = []
-    for grid in args.grids:
-        for model in args.models:
-            for metric in args.metrics:
-                for variant in args.variants:
-                    spec = common | {"model": model, "metric": metric, "variant": variant, "grid": grid,
-                                     "repeats": args.repeats, "warmup": args.warmup,
-                                     "theta_repeats": args.theta_repeats, "theta_warmup": args.theta_warmup,
-                                     "whole_registration": args.whole_registration}
-                    print(f"{model} {metric} {variant} {grid}^3 ...", file=sys.stderr, flush=True)
-                    results.append(run_in_subprocess(spec))
+    specs = [common | {"model": model, "metric": metric, "variant": variant, "grid": grid, "repeats": args.repeats,
+                       "warmup": args.warmup, "theta_repeats": args.theta_repeats, "theta_warmup": args.theta_warmup,
+                       "whole_registration": args.whole_registration}
+             for grid in args.grids for model in args.models for metric in args.metrics for variant in args.variants]
+    results, comparison = [], None
+    if args.compare:
+        with revision_worktree(args.compare) as revision_root:
+            comparison = {"revision": args.compare, "commit": code_state(revision_root)["commit"],
+                          "rounds": args.rounds, "rows": [], "revision_results": []}
+            for spec in specs:
+                print(f"{spec['model']} {spec['metric']} {spec['variant']} {spec['grid']}^3: {args.rounds} round(s) "
+                      f"{args.compare} / working tree ...", file=sys.stderr, flush=True)
+                row, before, after = compare_rounds(spec, revision_root, args.rounds)
+                comparison["rows"].append(row)
+                comparison["revision_results"] += before
+                results += after
+    else:
+        for spec in specs:
+            print(f"{spec['model']} {spec['metric']} {spec['variant']} {spec['grid']}^3 ...", file=sys.stderr,
+                  flush=True)
+            results.append(run_in_subprocess(spec))
     scaling = {"spec": None, "processes": []}
     if args.processes:
         model, metric, variant, grid = args.scaling_config
@@ -480,6 +583,8 @@ def main(argv=None) -> dict | None:
             scaling["spec"] = {k: v for k, v in spec.items() if k != "threads"}
     run["machine"]["loadavg_end"] = list(os.getloadavg())
     report = {"runs": [run], "results": results, "scaling": scaling | {"voxels": voxel_scaling(results)}}
+    if comparison is not None:
+        report["comparison"] = comparison
     if args.out is not None:
         if args.append and args.out.is_file():
             report = merge(json.loads(args.out.read_text()), report)
