@@ -7,7 +7,8 @@ threads, with the three components of a voxel side by side, and integrates all s
 backward pass reuses the stored intermediate fields (half the memory autograd keeps for 12 ``grid_sample`` calls).
 
 The kernel is plain C++17 (no torch headers): it is compiled on first use with the system's C++ compiler
-(``$CXX``, else ``c++``/``g++``/``clang++``, about a second) into a cache folder (``$LEARNSIM_CACHE_DIR``,
+(``$CXX``, else ``c++``/``g++``/``clang++``, a few seconds), for the CPU at hand (``-march=native``, retried
+without it where the compiler refuses), into a cache folder (``$LEARNSIM_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/learnsim`` or ``~/.cache/learnsim``) and loaded with ctypes. Where no compiler is found
 or compilation fails, a warning is issued once and ``utils.flow`` falls back to ``grid_sample``; setting
 ``LEARNSIM_NATIVE=0`` selects the fallback on purpose. CUDA tensors always use ``grid_sample``.
@@ -30,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("trilinear.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+NATIVE_FLAGS = ("-march=native",)  # FMA and wider vectors: ~25% faster where the compiler supports it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -51,24 +53,37 @@ def find_compiler() -> str | None:
     return next((path for path in map(shutil.which, ("c++", "g++", "clang++")) if path), None)
 
 
-def compile_library(compiler: str, folder: Path) -> Path:
-    """Compile trilinear.cpp into ``folder`` unless the same source and flags are already there; the path.
+def cpu_signature() -> str:
+    """The CPU model and feature flags (Linux), so that a cache shared by different machines keeps one build each."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            lines = [line for line in file if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
 
-    The file name carries a hash of the source, compiler, flags and machine; it is written under a temporary
-    name and renamed, so that concurrent processes never load a half-written file.
+
+def compile_library(compiler: str, folder: Path) -> Path:
+    """Compile trilinear.cpp into ``folder`` unless the same build is already there; the path.
+
+    The file name carries a hash of the source, compiler, flags, machine and CPU; it is written under a
+    temporary name and renamed, so that concurrent processes never load a half-written file.
     """
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS + NATIVE_FLAGS).encode(),
+                                     platform.machine().encode(), cpu_signature().encode()])).hexdigest()[:16]
     target = folder / f"trilinear-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = Path(scratch) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
+        for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{compiler} failed on {SOURCE}:\n{done.stderr[-2000:]}")
         os.replace(partial, target)
     return target
