@@ -56,7 +56,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo" / "train.json"
 TRANSFORMATIONS = {"SVF": "SVF_3D", "SVFFD": "SVFFD_3D"}
 W_REG = {"SSD": 1.8, "LCC": 2.0}  # the reference's regulariser weights (METHOD.md)
 KEY_FIELDS = ("device", "model", "metric", "variant", "grid", "batch", "threads", "flush_denormal", "channels_last",
-              "compile")
+              "compile", "cuda_graph")
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -132,7 +132,12 @@ def initial_q_v(config: QVTestConfig, energy: Energy, batch: int, device: torch.
 
 def q_v_options(spec: dict) -> dict:
     """Keyword arguments of fit_q_v that differ from its defaults."""
-    return {} if spec["flush_denormal"] in (True, None) else {"flush_denormal": False}
+    options = {} if spec["flush_denormal"] in (True, None) else {"flush_denormal": False}
+    if spec.get("cuda_graph"):
+        options["cuda_graph"] = True
+    if spec.get("compile") and "compile_loss" in inspect.signature(fit_q_v).parameters:
+        options["compile_loss"] = True
+    return options
 
 
 def flush_option_of_the_code(requested: bool) -> bool | None:
@@ -187,13 +192,14 @@ def bench_configuration(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
-    spec = spec | {"flush_denormal": flush_option_of_the_code(spec["flush_denormal"])}
+    spec = spec | {"flush_denormal": flush_option_of_the_code(spec["flush_denormal"]),
+                   "cuda_graph": spec.get("cuda_graph", False)}
     config = make_config(spec["model"], spec["metric"], spec["variant"], spec["grid"], spec["batch"], spec["cps"],
                          spec["channels_last"])
     energy, contrastive = build(config, device)
-    if spec["compile"]:
-        # an experiment, not a code path of the project: the q_v loss through TorchInductor; the compile time
-        # shows in q_v_first_iteration_s (inductor also draws its own random numbers, unlike eager mode)
+    if spec["compile"] and "compile_loss" not in inspect.signature(fit_q_v).parameters:
+        # code before trainer.q_v_compile: the q_v loss through TorchInductor, as fit_q_v(compile_loss=True) does;
+        # the compile time shows in q_v_first_iteration_s (inductor draws its own random numbers)
         energy.q_v_loss = torch.compile(energy.q_v_loss)
     fixed, moving, mask = make_images(config.data_loader.args.dims, spec["batch"], device, spec["seed"])
     lr = config.optimizer_q_v.args.lr
@@ -408,7 +414,7 @@ def voxel_scaling(results: list[dict]) -> list[dict]:
 
 def _flags(r: dict) -> str:
     flags = [name for name, on in (("FTZ", r.get("flush_denormal")), ("CL", r.get("channels_last")),
-                                   ("compile", r.get("compile"))) if on]
+                                   ("compile", r.get("compile")), ("graph", r.get("cuda_graph"))) if on]
     return "+".join(flags) or "-"
 
 
@@ -519,7 +525,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true",
                         help="trainer.channels_last: the learnt metric's convolutions on NDHWC tensors")
     parser.add_argument("--compile", action="store_true",
-                        help="experiment: wrap Energy.q_v_loss in torch.compile (q_v iterations only)")
+                        help="trainer.q_v_compile: the q_v loss through torch.compile (q_v iterations only)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="trainer.q_v_cuda_graph: replay a captured q_v iteration (CUDA only)")
     parser.add_argument("--compare", metavar="REV",
                         help="also time git revision REV (e.g. main) in a temporary worktree, interleaved with the "
                              "working tree, and report the speed-ups")
@@ -549,7 +557,7 @@ def main(argv=None) -> dict | None:
            "machine": machine_info(args.device), "code": code_state()}
     common = {"device": args.device, "batch": args.batch, "cps": args.cps, "threads": args.threads,
               "seed": args.seed, "flush_denormal": args.flush_denormal, "channels_last": args.channels_last,
-              "compile": args.compile}
+              "compile": args.compile, "cuda_graph": args.cuda_graph}
     specs = [common | {"model": model, "metric": metric, "variant": variant, "grid": grid, "repeats": args.repeats,
                        "warmup": args.warmup, "theta_repeats": args.theta_repeats, "theta_warmup": args.theta_warmup,
                        "whole_registration": args.whole_registration}

@@ -249,6 +249,8 @@ class QVTrainerArgs(TrainerArgs):
     uniform_noise: UniformNoise
     no_samples_test: int = checked(5, ge=1)
     channels_last: bool = False  # learnt metric's convolutions on NDHWC tensors: faster on CPU (benchmarks/README.md)
+    q_v_cuda_graph: bool = False  # CUDA: capture one q_v iteration in a CUDA graph and replay it (benchmarks/README.md)
+    q_v_compile: bool = False  # torch.compile the q_v loss (for CUDA; benchmarks/README.md)
 
 
 def required() -> Any:
