@@ -32,8 +32,12 @@ DEMO_ITERS=64
 if [ "$MODE" = smoke ]; then
   DEVICE=cpu SMALL=12 LARGE=16 ITERS=8 DEMO_ITERS=2 REPEATS="--repeats 2 --warmup 1 --theta-repeats 1 --theta-warmup 1"
 fi
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if [ "$MODE" = dry ]; then
+  OUT=$(mktemp -d)  # nothing is written to the real $OUT
+  trap 'rm -rf "$OUT"' EXIT
+fi
+mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 
 # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log, record the exit status
