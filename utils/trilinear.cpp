@@ -157,6 +157,7 @@ void squaring_step(const Grid& g, const T* u, T* next_cl, T* next_cf, int64_t be
 template <class T>
 int svf_forward(const T* velocity, T* history, T* out, int64_t B, int64_t D, int64_t H, int64_t W,
                 int64_t steps, T scale, int threads) {
+  if (steps < 1) return 2;
   const Grid g{B, D, H, W};
   const int64_t volume = g.volume(), field = B * volume * 3, rows = B * D;
   // u_0 = scale * v, channels-last
@@ -249,6 +250,7 @@ void touched_rows(const Grid& g, const T* u, int64_t begin, int64_t end, int64_t
 template <class T>
 int svf_backward(const T* history, const T* grad_out, T* grad_velocity, int64_t B, int64_t D, int64_t H, int64_t W,
                  int64_t steps, T scale, int threads) {
+  if (steps < 1) return 2;
   const Grid g{B, D, H, W};
   const int64_t volume = g.volume(), field = B * volume * 3, rows = B * D, plane3 = g.plane() * 3;
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));

@@ -136,8 +136,10 @@ def _threads() -> int:
 
 def _call(name: str, dtype: torch.dtype, *arguments) -> None:
     status = getattr(native_library(), f"{name}_{_SUFFIX[dtype]}")(*arguments)
-    if status != 0:
+    if status == 1:
         raise MemoryError(f"trilinear sampler: {name} could not allocate its work space")
+    if status != 0:
+        raise ValueError(f"trilinear sampler: {name} refused its arguments (status {status})")
 
 
 def _ptr(tensor: torch.Tensor) -> int:
@@ -194,6 +196,8 @@ class _Warp(torch.autograd.Function):
 
 def scaling_and_squaring(velocity: torch.Tensor, no_squarings: int) -> torch.Tensor:
     """Displacement of exp(v) in voxel units; velocity (B, 3, D, H, W), voxel units (CPU, when ``usable``)."""
+    if no_squarings < 1:
+        raise ValueError(f"scaling_and_squaring: no_squarings must be >= 1, got {no_squarings}")
     return _ScalingAndSquaring.apply(velocity, no_squarings)
 
 
