@@ -127,27 +127,54 @@ struct Grid {
 
 // ------------------------------------------------------------------------------ scaling and squaring
 
-// u_{k+1}(x) = u_k(x) + u_k(x + u_k(x)) for the planes [begin, end); the last step writes channels-first
+// make_axis without branches, for one lane of a vectorised loop over x: the same cell, weights and mask
 template <class T>
-void squaring_step(const Grid& g, const T* u, T* next_cl, T* next_cf, int64_t begin, int64_t end) {
-  const int64_t sx = 3, sy = 3 * g.W, sz = 3 * g.W * g.H;
+inline void axis_lane(int32_t i, T u, int32_t n, int32_t& i0, int32_t& step, T& w1, T& mask) {
+  const T low = static_cast<T>(-i), high = static_cast<T>(n - 1 - i);
+  mask = (u > low && u < high) ? T(1) : T(0);
+  T clamped = u > low ? u : low;  // NaN goes to the first voxel here; the caller makes the result NaN
+  clamped = clamped < high ? clamped : high;
+  const T floor_u = std::floor(clamped);
+  i0 = i + static_cast<int32_t>(floor_u);
+  w1 = clamped - floor_u;
+  step = i0 + 1 < n ? 1 : 0;
+}
+
+// u_{k+1}(x) = u_k(x) + u_k(x + u_k(x)) for the planes [begin, end); CHANNELS_FIRST: the last step, written
+// channels-first. The loop over x is written for the compiler's vectoriser (gathers on AVX2 / AVX-512).
+template <class T, bool CHANNELS_FIRST>
+void squaring_step(const Grid& g, const T* u, T* next, int64_t begin, int64_t end) {
+  const int32_t D = static_cast<int32_t>(g.D), H = static_cast<int32_t>(g.H), W = static_cast<int32_t>(g.W);
+  const int32_t sy = 3 * W, sz = 3 * W * H;
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / g.D, z = row % g.D;
+    const int64_t b = row / g.D;
+    const int32_t z = static_cast<int32_t>(row % g.D);
     const T* field = u + b * g.volume() * 3;
-    for (int64_t y = 0; y < g.H; ++y) {
-      for (int64_t x = 0; x < g.W; ++x) {
-        const int64_t voxel = (z * g.H + y) * g.W + x;
-        const T* own = field + 3 * voxel;
-        const Axis<T> az = make_axis<T>(z, own[0], g.D), ay = make_axis<T>(y, own[1], g.H),
-                      ax = make_axis<T>(x, own[2], g.W);
-        const Corners<T> c = corners(az, ay, ax, sz, sy, sx);
-        const T bad = (az.nan || ay.nan || ax.nan) ? T(NAN) : T(0);
+    for (int32_t y = 0; y < H; ++y) {
+      const int64_t first = (static_cast<int64_t>(z) * H + y) * W;
+      const T* own = field + 3 * first;
+      T* target = CHANNELS_FIRST ? next + b * 3 * g.volume() + first : next + (b * g.volume() + first) * 3;
+#pragma omp simd
+      for (int32_t x = 0; x < W; ++x) {
+        const T uz = own[3 * x], uy = own[3 * x + 1], ux = own[3 * x + 2];
+        int32_t iz, iy, ix, dz, dy, dx;
+        T wz, wy, wx, mz, my, mx;
+        axis_lane(z, uz, D, iz, dz, wz, mz);
+        axis_lane(y, uy, H, iy, dy, wy, my);
+        axis_lane(x, ux, W, ix, dx, wx, mx);
+        const T bad = (uz != uz || uy != uy || ux != ux) ? T(NAN) : T(0);
+        const int32_t o = iz * sz + iy * sy + 3 * ix, oz = dz * sz, oy = dy * sy, ox = 3 * dx;
+        const T az = T(1) - wz, ay = T(1) - wy, ax = T(1) - wx;
+        const T vals[3] = {uz, uy, ux};
         for (int k = 0; k < 3; ++k) {
-          const T value = own[k] + sample(field + k, c) + bad;
-          if (next_cf != nullptr)
-            next_cf[(b * 3 + k) * g.volume() + voxel] = value;
+          const T* f = field + k;
+          const T l00 = ax * f[o] + wx * f[o + ox], l01 = ax * f[o + oy] + wx * f[o + oy + ox];
+          const T l10 = ax * f[o + oz] + wx * f[o + oz + ox], l11 = ax * f[o + oz + oy] + wx * f[o + oz + oy + ox];
+          const T value = vals[k] + (az * (ay * l00 + wy * l01) + wz * (ay * l10 + wy * l11)) + bad;
+          if (CHANNELS_FIRST)
+            target[k * g.volume() + x] = value;
           else
-            next_cl[(b * g.volume() + voxel) * 3 + k] = value;
+            target[3 * x + k] = value;
         }
       }
     }
@@ -170,57 +197,97 @@ int svf_forward(const T* velocity, T* history, T* out, int64_t B, int64_t D, int
   });
   for (int64_t step = 0; step < steps; ++step) {
     const T* u = history + step * field;
-    const bool last = step + 1 == steps;
-    T* next_cl = last ? nullptr : history + (step + 1) * field;
-    T* next_cf = last ? out : nullptr;
-    parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
-      squaring_step(g, u, next_cl, next_cf, begin, end);
-    });
+    if (step + 1 == steps)
+      parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
+        squaring_step<T, true>(g, u, out, begin, end);
+      });
+    else
+      parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
+        squaring_step<T, false>(g, u, history + (step + 1) * field, begin, end);
+      });
   }
   return 0;
 }
 
 // dL/du_k from dL/du_{k+1} (both channels-last): the identity, the gradient through the sample point, and
-// the scatter of the sampled values' gradient to the 8 corners
-template <class T>
+// the scatter of the sampled values' gradient to the 8 corners. Per line of x: a vectorised loop does the
+// gathers and the gradient at the voxel itself and keeps each sample's cell and weights; a scalar loop then
+// scatters (neighbouring samples can share corners).
+template <class T, bool ACCUMULATE_OWN>
 void squaring_step_backward(const Grid& g, const T* u, const T* grad_next, T* grad, T* scatter, int64_t scatter_row0,
-                            bool accumulate_own, int64_t begin, int64_t end) {
-  const int64_t sx = 3, sy = 3 * g.W, sz = 3 * g.W * g.H;
+                            int64_t begin, int64_t end) {
+  const int32_t D = static_cast<int32_t>(g.D), H = static_cast<int32_t>(g.H), W = static_cast<int32_t>(g.W);
+  const int32_t sy = 3 * W, sz = 3 * W * H;
+  std::vector<int32_t> base(W), offset_z(W), offset_y(W), offset_x(W);
+  std::vector<T> weight_z(W), weight_y(W), weight_x(W);
+  int32_t* o_ = base.data();
+  int32_t* oz_ = offset_z.data();
+  int32_t* oy_ = offset_y.data();
+  int32_t* ox_ = offset_x.data();
+  T* wz_ = weight_z.data();
+  T* wy_ = weight_y.data();
+  T* wx_ = weight_x.data();
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / g.D, z = row % g.D;
+    const int64_t b = row / g.D;
+    const int32_t z = static_cast<int32_t>(row % g.D);
     const T* field = u + b * g.volume() * 3;
     // scatter targets of this pair: plane (b, z') lives at (b * D + z' - scatter_row0) * plane * 3
     T* target = scatter + (b * g.D - scatter_row0) * g.plane() * 3;
-    for (int64_t y = 0; y < g.H; ++y) {
-      for (int64_t x = 0; x < g.W; ++x) {
-        const int64_t voxel = (z * g.H + y) * g.W + x;
-        const int64_t at = (b * g.volume() + voxel) * 3;
-        const T* own = field + 3 * voxel;
-        const Axis<T> az = make_axis<T>(z, own[0], g.D), ay = make_axis<T>(y, own[1], g.H),
-                      ax = make_axis<T>(x, own[2], g.W);
-        const Corners<T> c = corners(az, ay, ax, sz, sy, sx);
-        const T go[3] = {grad_next[at], grad_next[at + 1], grad_next[at + 2]};
+    for (int32_t y = 0; y < H; ++y) {
+      const int64_t first = (b * g.volume() + (static_cast<int64_t>(z) * H + y) * W) * 3;
+      const T* own = u + first;
+      const T* go = grad_next + first;
+      T* own_grad = grad + first;
+#pragma omp simd
+      for (int32_t x = 0; x < W; ++x) {
+        int32_t iz, iy, ix, dz, dy, dx;
+        T wz, wy, wx, mz, my, mx;
+        axis_lane(z, own[3 * x], D, iz, dz, wz, mz);
+        axis_lane(y, own[3 * x + 1], H, iy, dy, wy, my);
+        axis_lane(x, own[3 * x + 2], W, ix, dx, wx, mx);
+        const int32_t o = iz * sz + iy * sy + 3 * ix, oz = dz * sz, oy = dy * sy, ox = 3 * dx;
+        const T az = T(1) - wz, ay = T(1) - wy, ax = T(1) - wx;
         T gz = T(0), gy = T(0), gx = T(0);
         for (int k = 0; k < 3; ++k) {
-          T value, dz, dy, dx;
-          sample_with_gradient(field + k, c, az, ay, ax, &value, &dz, &dy, &dx);
-          gz += go[k] * dz;
-          gy += go[k] * dy;
-          gx += go[k] * dx;
+          const T* f = field + k;
+          const T v0 = f[o], v1 = f[o + ox], v2 = f[o + oy], v3 = f[o + oy + ox];
+          const T v4 = f[o + oz], v5 = f[o + oz + ox], v6 = f[o + oz + oy], v7 = f[o + oz + oy + ox];
+          const T l00 = ax * v0 + wx * v1, l01 = ax * v2 + wx * v3, l10 = ax * v4 + wx * v5, l11 = ax * v6 + wx * v7;
+          const T g_k = go[3 * x + k];
+          gz += g_k * ((ay * l10 + wy * l11) - (ay * l00 + wy * l01));
+          gy += g_k * (az * (l01 - l00) + wz * (l11 - l10));
+          gx += g_k * (az * (ay * (v1 - v0) + wy * (v3 - v2)) + wz * (ay * (v5 - v4) + wy * (v7 - v6)));
         }
-        const T own_grad[3] = {go[0] + az.mask * gz, go[1] + ay.mask * gy, go[2] + ax.mask * gx};
-        for (int k = 0; k < 3; ++k) {
-          if (accumulate_own)
-            grad[at + k] += own_grad[k];
-          else
-            grad[at + k] = own_grad[k];
+        const T own_z = go[3 * x] + mz * gz, own_y = go[3 * x + 1] + my * gy, own_x = go[3 * x + 2] + mx * gx;
+        if (ACCUMULATE_OWN) {
+          own_grad[3 * x] += own_z;
+          own_grad[3 * x + 1] += own_y;
+          own_grad[3 * x + 2] += own_x;
+        } else {
+          own_grad[3 * x] = own_z;
+          own_grad[3 * x + 1] = own_y;
+          own_grad[3 * x + 2] = own_x;
         }
+        o_[x] = o;
+        oz_[x] = oz;
+        oy_[x] = oy;
+        ox_[x] = ox;
+        wz_[x] = wz;
+        wy_[x] = wy;
+        wx_[x] = wx;
+      }
+      for (int32_t x = 0; x < W; ++x) {
+        const T az = T(1) - wz_[x], ay = T(1) - wy_[x], ax = T(1) - wx_[x];
+        const int32_t o = o_[x], oz = oz_[x], oy = oy_[x], ox = ox_[x];
+        const int32_t offsets[8] = {o, o + ox, o + oy, o + oy + ox, o + oz, o + oz + ox, o + oz + oy, o + oz + oy + ox};
+        const T weights[8] = {az * ay * ax, az * ay * wx_[x], az * wy_[x] * ax, az * wy_[x] * wx_[x],
+                              wz_[x] * ay * ax, wz_[x] * ay * wx_[x], wz_[x] * wy_[x] * ax, wz_[x] * wy_[x] * wx_[x]};
+        const T g0 = go[3 * x], g1 = go[3 * x + 1], g2 = go[3 * x + 2];
         for (int corner = 0; corner < 8; ++corner) {
-          T* t = target + c.offset[corner];
-          const T w = c.weight[corner];
-          t[0] += w * go[0];
-          t[1] += w * go[1];
-          t[2] += w * go[2];
+          T* t = target + offsets[corner];
+          t[0] += weights[corner] * g0;
+          t[1] += weights[corner] * g1;
+          t[2] += weights[corner] * g2;
         }
       }
     }
@@ -277,7 +344,7 @@ int svf_backward(const T* history, const T* grad_out, T* grad_velocity, int64_t 
     const T* u = history + step * field;
     if (workers == 1) {
       std::fill(grad, grad + field, T(0));
-      squaring_step_backward(g, u, grad_next, grad, grad, 0, true, 0, rows);
+      squaring_step_backward<T, true>(g, u, grad_next, grad, grad, 0, 0, rows);
     } else {
       const int64_t chunk = (rows + workers - 1) / workers;
       parallel_for(rows, workers, [&](int64_t begin, int64_t end, int worker) {
@@ -292,7 +359,7 @@ int svf_backward(const T* history, const T* grad_out, T* grad_velocity, int64_t 
         return 1;
       }
       parallel_for(rows, workers, [&](int64_t begin, int64_t end, int worker) {
-        squaring_step_backward(g, u, grad_next, grad, buffers[worker].data(), lo[worker], false, begin, end);
+        squaring_step_backward<T, false>(g, u, grad_next, grad, buffers[worker].data(), lo[worker], begin, end);
       });
       parallel_for(rows, workers, [&](int64_t begin, int64_t end, int) {
         for (int64_t row = begin; row < end; ++row)

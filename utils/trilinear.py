@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("trilinear.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
-NATIVE_FLAGS = ("-march=native",)  # FMA and wider vectors: ~25% faster where the compiler supports it
+NATIVE_FLAGS = ("-march=native", "-fopenmp-simd", "-fno-trapping-math")  # vectorised loops: see trilinear.cpp
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
