@@ -1,13 +1,14 @@
-"""utils.trilinear: the native CPU sampler against torch's grid_sample, gradcheck, threads, and the fallback."""
+"""utils.trilinear and utils.native: the native CPU sampler against grid_sample, gradcheck, threads, the build and
+the fallback."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import flow, trilinear
+from utils import flow, native, sobolev, trilinear
 
-needs_native = pytest.mark.skipif(trilinear.native_library() is None,
+needs_native = pytest.mark.skipif(native.native_library() is None,
                                   reason="the native trilinear sampler could not be built (no C++ compiler?)")
 
 
@@ -161,9 +162,33 @@ def test_flow_uses_the_native_sampler_on_cpu():
     assert "GridSampler" in type(flow.warp(image, velocity).grad_fn).__name__
 
 
+def conv3d_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The separable filter written as one 3D convolution with the outer-product kernel, replicate padding."""
+    radius = (kernel.numel() - 1) // 2
+    weight = torch.einsum("i,j,k->ijk", kernel, kernel, kernel).expand(x.shape[1], 1, -1, -1, -1)
+    return F.conv3d(F.pad(x, [radius] * 6, mode="replicate"), weight, groups=x.shape[1])
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(9, 10, 11), (3, 5, 2), (1, 8, 16)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("kernel_kind", ["sobolev", "asymmetric"])
+def test_native_separable_filter_matches_a_3d_convolution(shape, dtype, tolerance, kernel_kind):
+    """Including axes shorter than the kernel, where every tap is clamped; an asymmetric kernel shows that it is
+    correlated, not flipped."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn((2, 3, *shape), generator=generator, dtype=torch.float64)
+    kernel = (sobolev.sobolev_kernel(dtype=torch.float64) if kernel_kind == "sobolev"
+              else torch.rand(5, generator=generator, dtype=torch.float64))
+    assert native.usable(x.to(dtype))
+    expected = conv3d_filter(x, kernel)
+    torch.testing.assert_close(sobolev.separable_filter(x.to(dtype), kernel).double(), expected,
+                               rtol=0, atol=tolerance * expected.abs().max().item())
+
+
 def _reset(monkeypatch):
-    monkeypatch.setattr(trilinear, "_library", None)
-    monkeypatch.setattr(trilinear, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
 
 
 @pytest.mark.parametrize("compiler", ["no-such-compiler-learnsim", "false"])
@@ -173,13 +198,16 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, tmp_path, compile
     monkeypatch.setenv("CXX", compiler)
     monkeypatch.setenv("LEARNSIM_CACHE_DIR", str(tmp_path / "cache"))
     velocity = 2.0 * torch.randn(1, 3, 6, 7, 8, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="grid_sample"):
-        assert trilinear.native_library() is None
+    with pytest.warns(RuntimeWarning, match="fall back to torch"):
+        assert native.native_library() is None
     assert not trilinear.usable(velocity)
     torch.testing.assert_close(flow.integrate_velocity(velocity), grid_sample_scaling_and_squaring(velocity, 12),
                                rtol=0, atol=1e-12)
     image = torch.rand(1, 1, 6, 7, 8, dtype=torch.float64)
     torch.testing.assert_close(flow.warp(image, velocity), grid_sample_warp(image, velocity), rtol=0, atol=1e-12)
+    kernel = sobolev.sobolev_kernel(dtype=torch.float64)
+    torch.testing.assert_close(sobolev.separable_filter(velocity, kernel), conv3d_filter(velocity, kernel),
+                               rtol=0, atol=1e-12)
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -193,8 +221,8 @@ def test_disabled_by_environment(monkeypatch):
 @needs_native
 def test_compiled_once_into_the_cache(monkeypatch, tmp_path):
     """A second build with the same source and flags reuses the file (a fresh clone compiles once)."""
-    compiler = trilinear.find_compiler()
-    first = trilinear.compile_library(compiler, tmp_path)
+    compiler = native.find_compiler()
+    first = native.compile_library(compiler, tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert trilinear.compile_library(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert native.compile_library(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind

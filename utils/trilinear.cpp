@@ -1,4 +1,4 @@
-// Trilinear sampling with border padding on the CPU, for utils/trilinear.py (loaded with ctypes).
+// Trilinear sampling with border padding on the CPU, for utils/trilinear.py (built and loaded by utils/native.py).
 //
 // Same sampling as torch.nn.functional.grid_sample(mode="bilinear", padding_mode="border",
 // align_corners=True), written in voxel coordinates: a coordinate p along an axis of n voxels is clamped
@@ -447,8 +447,6 @@ int warp_backward(const T* image, const T* displacement, const T* grad_out, T* g
 }  // namespace
 
 extern "C" {
-
-int learnsim_trilinear_abi() { return 1; }
 
 #define LEARNSIM_EXPORT(T, SUFFIX)                                                                              \
   int svf_forward_##SUFFIX(const T* velocity, T* history, T* out, int64_t B, int64_t D, int64_t H, int64_t W,     \
