@@ -250,12 +250,13 @@ def bench_configuration(spec: dict) -> dict:
     if spec["whole_registration"] > 0:
         # one pair from the initial q_v: Adam set-up, f(F) and all iterations
         synchronize(device)
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         infer_q_v(energy, fixed[:1], moving[:1], mask[:1], config, no_iters=spec["whole_registration"],
                   **q_v_options(spec))
         synchronize(device)
         result["whole_registration"] = {"iterations": spec["whole_registration"], "pairs": 1,
-                                        "seconds": time.perf_counter() - begin}
+                                        "seconds": time.perf_counter() - begin,
+                                        "cpu_seconds": time.process_time() - begin_cpu}
     result["peak_rss_mib"] = peak_rss_mib()
     result["loadavg_end"] = list(os.getloadavg())
     return result
@@ -430,7 +431,8 @@ def format_table(report: dict) -> str:
         theta = f"{t['median']:.4f} [{t['q1']:.4f}, {t['q3']:.4f}]" if t else "-"
         cuda = f"{r['peak_cuda_q_v_mib']:.0f}" if "peak_cuda_q_v_mib" in r else "-"
         whole = (f"{r['whole_registration']['seconds']:.2f} ({r['whole_registration']['iterations']})"
-                 if "whole_registration" in r else "-")
+                 + (f", CPU {r['whole_registration']['cpu_seconds']:.2f}" if "cpu_seconds" in r["whole_registration"]
+                    else "") if "whole_registration" in r else "-")
         lines.append(f"| {r['device']} | {r['model']} | {r['metric']} | {r['variant']} | {r['grid']}^3 | {r['batch']} "
                      f"| {r['threads']} | {_flags(r)} | {q['median']:.4f} [{q['q1']:.4f}, {q['q3']:.4f}] "
                      f"({q['min']:.4f}-{q['max']:.4f}, {q['n']}) | {c['median']:.4f} | {theta} "
