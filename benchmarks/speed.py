@@ -491,8 +491,12 @@ def merge(old: dict, new: dict) -> dict:
     merged = {"runs": old.get("runs", []) + new["runs"], "results": results,
               "scaling": {"spec": scaling_spec, "processes": processes + new_processes,
                           "voxels": voxel_scaling(results)}}
-    if new.get("comparison") or old.get("comparison"):
-        merged["comparison"] = new.get("comparison") or old.get("comparison")
+    before, after = old.get("comparison"), new.get("comparison")
+    if before and after and before["commit"] == after["commit"]:  # more configurations against the same revision
+        merged["comparison"] = after | {"rows": before["rows"] + after["rows"],
+                                        "revision_results": before["revision_results"] + after["revision_results"]}
+    elif before or after:
+        merged["comparison"] = after or before
     return merged
 
 
