@@ -226,3 +226,16 @@ def test_compiled_once_into_the_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native.compile_library(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+@needs_native
+@pytest.mark.parametrize("steps", [1, 2, 12])
+def test_without_gradient_the_same_flow_from_two_buffers(steps):
+    """Without autograd the operator keeps two fields instead of all of them: the flow must not change."""
+    velocity = 3.0 * torch.randn((2, 3, 6, 7, 8), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad():
+        light = trilinear.scaling_and_squaring(velocity, steps)
+    full = trilinear.scaling_and_squaring(velocity.clone().requires_grad_(), steps)
+    assert full.grad_fn is not None
+    torch.testing.assert_close(light, full.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(light, grid_sample_scaling_and_squaring(velocity, steps), rtol=0, atol=1e-11)

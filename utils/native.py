@@ -29,7 +29,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
 NATIVE_FLAGS = ("-march=native", "-fopenmp-simd", "-fno-trapping-math")
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _SIGNATURES = {  # name: argument types, each function exists as name_f32 and name_f64 and returns an int status
-    "svf_forward": ["p"] * 3 + ["i"] * 5 + ["d", "t"],
+    "svf_forward": ["p"] * 3 + ["i"] * 5 + ["d", "t", "t"],
     "svf_backward": ["p"] * 3 + ["i"] * 5 + ["d", "t"],
     "warp_forward": ["p"] * 3 + ["i"] * 5 + ["t"],
     "warp_backward": ["p"] * 4 + ["i"] * 5 + ["t"],

@@ -183,7 +183,8 @@ void squaring_step(const Grid& g, const T* u, T* next, int64_t begin, int64_t en
 
 template <class T>
 int svf_forward(const T* velocity, T* history, T* out, int64_t B, int64_t D, int64_t H, int64_t W,
-                int64_t steps, T scale, int threads) {
+                int64_t steps, T scale, bool keep_history, int threads) {
+  // keep_history: history holds all N fields u_0 .. u_{N-1} for the backward pass; else two, used in turn
   if (steps < 1) return 2;
   const Grid g{B, D, H, W};
   const int64_t volume = g.volume(), field = B * volume * 3, rows = B * D;
@@ -195,15 +196,16 @@ int svf_forward(const T* velocity, T* history, T* out, int64_t B, int64_t D, int
         for (int k = 0; k < 3; ++k) history[(b * volume + i) * 3 + k] = scale * velocity[(b * 3 + k) * volume + i];
     }
   });
+  const auto slot = [&](int64_t step) { return history + (keep_history ? step : step % 2) * field; };
   for (int64_t step = 0; step < steps; ++step) {
-    const T* u = history + step * field;
+    const T* u = slot(step);
     if (step + 1 == steps)
       parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
         squaring_step<T, true>(g, u, out, begin, end);
       });
     else
       parallel_for(rows, threads, [&](int64_t begin, int64_t end, int) {
-        squaring_step<T, false>(g, u, history + (step + 1) * field, begin, end);
+        squaring_step<T, false>(g, u, slot(step + 1), begin, end);
       });
   }
   return 0;
@@ -450,8 +452,9 @@ extern "C" {
 
 #define LEARNSIM_EXPORT(T, SUFFIX)                                                                              \
   int svf_forward_##SUFFIX(const T* velocity, T* history, T* out, int64_t B, int64_t D, int64_t H, int64_t W,     \
-                           int64_t steps, double scale, int threads) {                                           \
-    return svf_forward<T>(velocity, history, out, B, D, H, W, steps, static_cast<T>(scale), threads);            \
+                           int64_t steps, double scale, int keep_history, int threads) {                         \
+    return svf_forward<T>(velocity, history, out, B, D, H, W, steps, static_cast<T>(scale), keep_history != 0,   \
+                          threads);                                                                              \
   }                                                                                                              \
   int svf_backward_##SUFFIX(const T* history, const T* grad_out, T* grad_velocity, int64_t B, int64_t D,          \
                             int64_t H, int64_t W, int64_t steps, double scale, int threads) {                    \

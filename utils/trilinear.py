@@ -21,15 +21,21 @@ def _ptr(tensor: torch.Tensor) -> int:
     return tensor.data_ptr()
 
 
+def _integrate(velocity: torch.Tensor, no_squarings: int, keep_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The displacement, and the fields u_0 .. u_{N-1} (N, B, D, H, W, 3) when ``keep_history`` (else scratch)."""
+    velocity = velocity.contiguous()
+    batch, _, *shape = velocity.shape
+    history = velocity.new_empty((no_squarings if keep_history else min(no_squarings, 2), batch, *shape, 3))
+    out = torch.empty_like(velocity)
+    call("svf_forward", velocity.dtype, _ptr(velocity), _ptr(history), _ptr(out), batch, *shape, no_squarings,
+         2.0 ** -no_squarings, int(keep_history))
+    return out, history
+
+
 class _ScalingAndSquaring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, velocity: torch.Tensor, no_squarings: int) -> torch.Tensor:
-        velocity = velocity.contiguous()
-        batch, _, *shape = velocity.shape
-        history = velocity.new_empty((no_squarings, batch, *shape, 3))
-        out = torch.empty_like(velocity)
-        call("svf_forward", velocity.dtype, _ptr(velocity), _ptr(history), _ptr(out), batch, *shape, no_squarings,
-              2.0 ** -no_squarings)
+        out, history = _integrate(velocity, no_squarings, keep_history=True)
         ctx.save_for_backward(history)
         ctx.no_squarings = no_squarings
         return out
@@ -72,7 +78,9 @@ def scaling_and_squaring(velocity: torch.Tensor, no_squarings: int) -> torch.Ten
     """Displacement of exp(v) in voxel units; velocity (B, 3, D, H, W), voxel units (CPU, when ``usable``)."""
     if no_squarings < 1:
         raise ValueError(f"scaling_and_squaring: no_squarings must be >= 1, got {no_squarings}")
-    return _ScalingAndSquaring.apply(velocity, no_squarings)
+    if torch.is_grad_enabled() and velocity.requires_grad:
+        return _ScalingAndSquaring.apply(velocity, no_squarings)
+    return _integrate(velocity, no_squarings, keep_history=False)[0]  # no backward: two fields of scratch
 
 
 def warp_border(image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
