@@ -239,3 +239,11 @@ def test_without_gradient_the_same_flow_from_two_buffers(steps):
     assert full.grad_fn is not None
     torch.testing.assert_close(light, full.detach(), rtol=0, atol=0)
     torch.testing.assert_close(light, grid_sample_scaling_and_squaring(velocity, steps), rtol=0, atol=1e-11)
+
+
+def test_zero_padding_stays_on_grid_sample():
+    """VoxelMorph's integration pads with zeros: the native kernel (border padding only) must not take it."""
+    velocity = 4.0 * torch.randn((1, 3, 6, 7, 8), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    zeros = flow.integrate_velocity(velocity, 4, padding_mode="zeros")
+    border = flow.integrate_velocity(velocity, 4)
+    assert (zeros - border).abs().max() > 1e-3

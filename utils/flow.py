@@ -45,7 +45,7 @@ def integrate_velocity(velocity: torch.Tensor, no_squarings: int = NO_SQUARINGS,
     As in the reference: u0 = v / 2^N in normalised units, then N times u <- u + u o (id + u), each
     composition a trilinear sample with border padding (VoxelMorph pads with zeros: ``padding_mode='zeros'``).
     """
-    if no_squarings >= 1 and trilinear.usable(velocity):
+    if no_squarings >= 1 and padding_mode == "border" and trilinear.usable(velocity):
         return trilinear.scaling_and_squaring(velocity, no_squarings)
     shape = velocity.shape[2:]
     scale = voxel_to_normalised(shape, velocity.device, velocity.dtype)
