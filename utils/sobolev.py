@@ -1,6 +1,8 @@
 """Sobolev preconditioning of velocity samples: smoothing in the forward pass, identity in the backward pass."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,8 +53,7 @@ def _native_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     first, second, out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     sources, targets = (x, first, second), (first, second, out)
     for axis, (source, target) in enumerate(zip(sources, targets)):
-        outer = batch * channels * int(torch.tensor(shape[:axis]).prod())
-        inner = int(torch.tensor(shape[axis + 1:]).prod())
+        outer, inner = batch * channels * math.prod(shape[:axis]), math.prod(shape[axis + 1:])
         native.call("separable_filter_axis", x.dtype, source.data_ptr(), target.data_ptr(), outer, shape[axis], inner,
                     kernel.data_ptr(), kernel.numel())
     return out
