@@ -84,7 +84,7 @@ REGISTRATION=("$PYTHON" -m benchmarks.speed --device "$DEVICE" --grids "$LARGE" 
 step registration 60 "${REGISTRATION[@]}" --out "$OUT/registration.json"
 step registration_graph 45 "${REGISTRATION[@]}" --cuda-graph --out "$OUT/registration.json" --append
 
-# the demo training through torchrun (one process: world size 1, so no process group is formed)
+# the demo training through torchrun: one process, which still joins an nccl process group
 step torchrun_demo 90 torchrun --standalone --nproc_per_node=1 train.py -c configs/demo/train.json \
   --device "$DEVICE" --set trainer.no_epochs=1 --set "trainer.no_iters_q_v=$DEMO_ITERS" --set "trainer.save_dir=\"/tmp/gpu_check_saved\"" \
   --set "trainer.save_figures=false"

@@ -141,3 +141,21 @@ def test_train_py_runs_under_the_launchers(tmp_path, launcher):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.rglob("checkpoint_epoch1.pt"))) == 1
+
+
+def test_one_process_started_by_a_launcher_joins_the_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from utils.distributed import setup, teardown
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    context = setup("cpu")
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+        assert not context.distributed
+    finally:
+        teardown()
+    assert not dist.is_initialized()

@@ -45,7 +45,10 @@ def setup(device: str | None = None, local_rank: int | None = None) -> Context:
         where = torch.device("cpu")
     else:
         raise ValueError(f"unknown device {kind!r}: expected 'cpu' or 'cuda'")
-    if world_size > 1 and not dist.is_initialized():
+    # a launcher (torchrun, torch.distributed.launch) sets MASTER_ADDR: join its group even with one process,
+    # so that a one-GPU torchrun run goes through nccl as a many-GPU one does
+    launched = world_size > 1 or "MASTER_ADDR" in os.environ
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Context(rank, world_size, local_rank, where)
 
