@@ -3,9 +3,12 @@ SimpleITK's resampler applies to the same result; bad inputs fail in one line an
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import nibabel as nib
@@ -20,8 +23,11 @@ from data_loader.demo import make_demo_dataset
 from data_loader.images import read_image
 from model.similarity import SimilarityMetric
 from model.variational import QF
+from model.voxelmorph import VxmDense
 from trainer import outputs
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import (VXM_CHECKPOINT_KIND, load_voxelmorph, save_checkpoint, save_run_checkpoint,
+                                vxm_state)
+from trainer.pretrained import resolve_checkpoint
 from trainer.registration import (PairFiles, PairTester, check_inputs, default_dims, reference_config,
                                   registration_config)
 from tests.image_files import AFFINE, converted, nifti
@@ -282,3 +288,96 @@ def test_pretrained_metric_by_name(tmp_path, demo_pair):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["data_loss"]["type"] == "LCC" and config["model"]["args"]["learnable"]
     assert "metric of the checkpoint" in (tmp_path / "out" / "register.log").read_text()
+
+
+def vxm_network(path: Path, size: int = SIZE) -> Path:
+    """A tiny VoxelMorph network for ``size``^3 saved as the authors saved theirs ({'config', 'model_state'}). Its
+    velocity is the constant 2 voxels along axis 1 (flow layer: no weights, bias 2), the shift of the demo pair."""
+    network = VxmDense.from_config({"inshape": [size] * 3, "nb_unet_features": [[4, 8], [8, 8, 4]], "int_steps": 3,
+                                    "int_downsize": 2})
+    with torch.no_grad():
+        network.flow.weight.zero_()
+        network.flow.bias.copy_(torch.tensor([0.0, 2.0, 0.0]))
+    torch.save({"config": {**network.config(), "bidir": False, "use_probs": False},
+                "model_state": network.state_dict()}, path)
+    return path
+
+
+def test_voxelmorph_network_registers_the_pair(tmp_path, demo_pair, capsys):
+    network = vxm_network(tmp_path / "checkpoint_VXM.pt")
+    out = tmp_path / "out"
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
+                   "--fixed-seg", str(demo_pair["fixed_seg"]), "--moving-seg", str(demo_pair["moving_seg"]),
+                   "-r", str(network), "--device", "cpu", "--set", "trainer.save_figures=false"])
+    for name in (outputs.WARPED_IM, outputs.WARPED_SEG, outputs.DISPLACEMENT, outputs.ITK_DISPLACEMENT,
+                 outputs.DET_JACOBIAN, "metrics.csv", "summary.json", "config.json", "register.log"):
+        assert (out / name).is_file(), name
+    assert not (out / outputs.DISPLACEMENT_STD).exists() and not (out / outputs.SAMPLES_FOLDER).exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["type"] == "VxmDense" and config["data_loader"]["args"]["dims"] == [SIZE] * 3
+    displacement = nib.load(out / outputs.DISPLACEMENT).get_fdata()  # mm along RAS; AFFINE's axis 1 is 2 mm
+    assert np.abs(displacement).max() > 2.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mean_dice_after"] > summary["mean_dice_before"] + 0.05  # the network undoes the shift
+    printed = capsys.readouterr().out
+    assert f"VoxelMorph network {network}" in printed
+    assert f"before {summary['mean_dice_before']:.3f}, after {summary['mean_dice_after']:.3f}" in printed
+    assert "VoxelMorph network from" in (out / "register.log").read_text()
+
+    model, _ = load_voxelmorph(network)  # the same network as our training checkpoint: the same displacement
+    ours = tmp_path / "checkpoint_epoch1.pt"
+    save_run_checkpoint(ours, VXM_CHECKPOINT_KIND, epoch=1, step=1, config={},
+                        state=vxm_state(model, torch.optim.Adam(model.parameters())))
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o",
+                   str(tmp_path / "ours"), "-r", str(ours), "--device", "cpu", "--set", "trainer.save_figures=false"])
+    np.testing.assert_array_equal(nib.load(tmp_path / "ours" / outputs.DISPLACEMENT).get_fdata(), displacement)
+
+
+def test_voxelmorph_network_refuses_other_dims_and_q_v_options(tmp_path, demo_pair):
+    network = vxm_network(tmp_path / "net.pt")
+    out = tmp_path / "out"
+    base = ["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
+            "-r", str(network), "--device", "cpu"]
+    with pytest.raises(ValueError, match=r"takes inputs of shape \[16, 16, 16\], not --dims \[24, 24, 24\]"):
+        register.main([*base, "--dims", "24"])
+    with pytest.raises(ValueError, match="--iterations, --samples apply to q_v registration only"):
+        register.main([*base, "--iterations", "4", "--samples", "2"])
+    with pytest.raises(ValueError, match=r"takes inputs of shape \[16, 16, 16\].*dims \[24, 24, 24\]"):
+        register.main([*base, "--set", "data_loader.args.dims=[24, 24, 24]"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
+    register.main([*base, "--dims", "16", "--set", "trainer.save_outputs=false", "--set",
+                   "trainer.save_figures=false"])  # the network's own shape is accepted
+    assert (out / "summary.json").is_file()
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "pretrained" / "authors" / "VXM_SSD_learnt.tar.gz").is_file(),
+                    reason="the authors' VoxelMorph tarballs (../shared/pretrained/authors) are absent")
+def test_authors_voxelmorph_tarball_registers_at_its_input_shape(tmp_path, demo_pair):
+    """The authors' network takes 128^3: the 16^3 pair is resampled to it, the outputs are on the fixed grid."""
+    out = tmp_path / "out"
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
+                   "-r", str(ROOT.parent / "shared" / "pretrained" / "authors" / "VXM_SSD_learnt.tar.gz"),
+                   "--device", "cpu", "--set", "trainer.save_figures=false"])
+    assert json.loads((out / "config.json").read_text())["data_loader"]["args"]["dims"] == [128] * 3
+    field = sitk.ReadImage(str(out / outputs.ITK_DISPLACEMENT))
+    assert field.GetSize() == (SIZE,) * 3 and field.GetNumberOfComponentsPerPixel() == 3
+
+
+def test_pretrained_voxelmorph_by_name(tmp_path, demo_pair, monkeypatch):
+    """pretrained:NAME of a VoxelMorph entry of the manifest (here the tiny network, tarred as the authors' files)."""
+    pt = vxm_network(tmp_path / "checkpoint_VXM_tiny.pt")
+    tarball = tmp_path / "VXM_tiny.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(pt, arcname=pt.name)
+    data = tarball.read_bytes()
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format_version": 1, "models": [
+        {"name": "VXM_tiny", "kind": "voxelmorph", "description": "test", "url": tarball.as_uri(), "size": len(data),
+         "checksum": "sha256:" + hashlib.sha256(data).hexdigest(), "config": None}]}))
+    monkeypatch.setattr(register, "resolve_checkpoint",
+                        functools.partial(resolve_checkpoint, manifest=manifest, cache=tmp_path / "cache"))
+    out = tmp_path / "out"
+    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
+                   "-r", "pretrained:VXM_tiny", "--device", "cpu", "--set", "trainer.save_figures=false"])
+    assert json.loads((out / "config.json").read_text())["model"]["type"] == "VxmDense"
+    assert (out / outputs.ITK_DISPLACEMENT).is_file()

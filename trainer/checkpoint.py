@@ -101,6 +101,12 @@ def is_voxelmorph(checkpoint: dict) -> bool:
         "model_state" in checkpoint and isinstance(config, dict) and "inshape" in config)
 
 
+def holds_voxelmorph(path: str | Path) -> bool:
+    """Whether a file holds a VoxelMorph network: a tarball (the authors' layout) or a checkpoint ``is_voxelmorph``."""
+    path = Path(path)
+    return (path.name.endswith(TARBALL_SUFFIXES) and path.is_file()) or is_voxelmorph(read_checkpoint(path))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read and check a learnt-metric checkpoint of this project; clear errors for anything else.
 

@@ -1,4 +1,7 @@
-"""Register two image files (register.py): test.py's Tester on a one-pair dataset, and saved transforms applied.
+"""Register two image files (register.py): test.py's testers on a one-pair dataset, and saved transforms applied.
+
+The registration is q_v inference (baseline or learnt metric, ``Tester``) or one forward pass of a VoxelMorph
+network (``VxmTester``).
 
 The inputs are checked before anything is written: readable 3D images, a mask and segmentations on the grid of
 their image, and fixed and moving images that overlap in world space (they must be affinely pre-aligned). The
@@ -22,8 +25,10 @@ import SimpleITK as sitk
 from data_loader.dataset import DEFAULT_LABELS, PairDataset, SubjectFiles
 from data_loader.images import MIN_OVERLAP, read_image, read_image_header, same_grid, world_overlap, write_image
 from trainer.run_folder import write_config
+from model.voxelmorph import VxmDense
 from trainer.tester import Tester
-from utils.config import ConfigError, QVTestConfig, apply_overrides, parse_config
+from trainer.vxm_tester import VxmTester
+from utils.config import ConfigError, QVTestConfig, RunConfig, VxmTestConfig, apply_overrides, parse_config
 from utils.distributed import Context
 from utils.itk import array_from_image, image_from_array, itk_from_affine, read_displacement_transform, resample
 
@@ -31,6 +36,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METRICS = ("SSD", "LCC")
 MODELS = {"SVF": "SVF_3D", "SVFFD": "SVFFD_3D"}  # --model -> transformation_module.type
 FIXED_ID, MOVING_ID = "fixed", "moving"
+VXM_BASE = CONFIGS / "VXM" / "SSD" / "config_test_baseline.json"  # VoxelMorph test configs differ only in name
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,26 @@ def default_dims(input_shape: Sequence[int], largest: int) -> list[int]:
     return [side] * 3
 
 
+def _cube(dims: Sequence[int]) -> list[int]:
+    """--dims as 3 sizes: one size means a cube."""
+    return [int(n) for n in (list(dims) * 3 if len(dims) == 1 else dims)]
+
+
+def _single_pair(data: dict, data_path: Path, dims: Sequence[int], overrides: Sequence[str], source: str
+                 ) -> RunConfig:
+    """Config dict ``data`` set up for register.py's one pair on the working grid ``dims``, overridden, validated."""
+    data["name"] = "register"
+    data["data_loader"]["args"].update(data_path=str(data_path), im_pairs="pairs.csv", dims=list(dims),
+                                       batch_size=1, no_workers=0, labels=None, demo=None)
+    data["trainer"]["save_dir"] = str(data_path)
+    return parse_config(apply_overrides(data, list(overrides)), CONFIGS, source, mode="test")
+
+
 def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path, *, model: str | None = None,
                         dims: Sequence[int] | None = None, iterations: int | None = None,
                         samples: int | None = None, overrides: Sequence[str] = (), source: str = "register.py"
                         ) -> QVTestConfig:
-    """The validated config of one registration.
+    """The validated config of one q_v registration.
 
     ``base`` (a reference or checkpoint config dict) gets the register.py settings (``model``: the reference's
     transformation, w_reg, q_v lr and iterations of that model), then ``overrides``
@@ -70,26 +91,31 @@ def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path,
     largest dims (128 for the reference); one size means a cube.
     """
     data = copy.deepcopy(base)
-    data["name"] = "register"
     if model is not None:  # the reference's registration setting of that model: w_reg, q_v lr and iterations differ
         reference = reference_config(data["data_loss"]["type"], model)
         for key in ("transformation_module", "reg_loss", "optimizer_q_v"):
             data[key] = reference[key]
         data["trainer"]["no_iters_q_v"] = reference["trainer"]["no_iters_q_v"]
-    args = data["data_loader"]["args"]
-    if dims is None:
-        dims = default_dims(fixed_shape, max(args["dims"]))
-    elif len(dims) == 1:
-        dims = list(dims) * 3
-    args.update(data_path=str(data_path), im_pairs="pairs.csv", dims=[int(n) for n in dims], batch_size=1,
-                no_workers=0, labels=None, demo=None)
     trainer = data["trainer"]
-    trainer["save_dir"] = str(data_path)
     if iterations is not None:
         trainer["no_iters_q_v"] = iterations
     if samples is not None:
         trainer["no_samples_test"] = samples
-    return parse_config(apply_overrides(data, list(overrides)), CONFIGS, source, mode="test")
+    dims = default_dims(fixed_shape, max(data["data_loader"]["args"]["dims"])) if dims is None else _cube(dims)
+    return _single_pair(data, data_path, dims, overrides, source)
+
+
+def vxm_registration_config(inshape: Sequence[int], data_path: Path, network: str, *,
+                            dims: Sequence[int] | None = None, overrides: Sequence[str] = (),
+                            source: str = "register.py") -> VxmTestConfig:
+    """The validated config of one registration by the VoxelMorph network ``network`` (its path or name, for
+    messages), whose input shape is ``inshape``: the working grid is that shape, and ``dims``, when given, must equal
+    it (one size means a cube)."""
+    inshape = [int(n) for n in inshape]
+    if dims is not None and _cube(dims) != inshape:
+        raise ConfigError(f"{network}: the VoxelMorph network takes inputs of shape {inshape}, not --dims "
+                          f"{_cube(dims)}; leave --dims out (the images are resampled to the network's shape)")
+    return _single_pair(json.loads(VXM_BASE.read_text()), data_path, inshape, overrides, source)
 
 
 def check_inputs(files: PairFiles) -> tuple[SubjectFiles, SubjectFiles]:
@@ -139,13 +165,23 @@ def labels_found(dataset: PairDataset) -> dict[str, int]:
     return {f"label_{label}": int(label) for label in ids}
 
 
-class PairTester(Tester):
-    """The Tester of one pair: its files go straight into the output folder, not into pairs/<pair_id>/."""
+class SinglePair:
+    """A tester of one pair (mixed in before a tester class): its files go straight into the output folder, not
+    into pairs/<pair_id>/, and its log is register.log."""
 
     log_name = "register"
+    folder: Path
 
     def pair_folder(self, pair_id: str) -> Path:
         return self.folder
+
+
+class PairTester(SinglePair, Tester):
+    """q_v registration of one pair."""
+
+
+class PairVxmTester(SinglePair, VxmTester):
+    """VoxelMorph registration of one pair."""
 
 
 def _check_output(output: Path) -> None:
@@ -153,9 +189,13 @@ def _check_output(output: Path) -> None:
         raise ValueError(f"output {output} exists and is not an empty folder: choose another or remove it")
 
 
-def register_files(files: PairFiles, output: Path, config: QVTestConfig, context: Context,
-                   checkpoint: dict | None = None, structures: dict[str, int] | None = None) -> dict:
+def register_files(files: PairFiles, output: Path, config: QVTestConfig | VxmTestConfig, context: Context,
+                   checkpoint: dict | None = None, structures: dict[str, int] | None = None,
+                   network: tuple[VxmDense, str] | None = None) -> dict:
     """Register ``files`` with ``config`` and write the results into ``output``; returns summary.json's content.
+
+    A q_v config registers with the baseline metric or the learnt metric of ``checkpoint``; a VoxelMorph config with
+    ``network`` (the network and where it came from, for messages).
 
     Every input is checked and loaded before anything is written; the results are written into a hidden folder
     beside ``output`` that becomes ``output`` only when everything succeeded, and is removed otherwise.
@@ -172,7 +212,10 @@ def register_files(files: PairFiles, output: Path, config: QVTestConfig, context
     staging.mkdir(parents=True)
     try:
         write_config(staging, config.to_dict())
-        tester = PairTester(config, staging, context, checkpoint, dataset, labels)
+        if config.method == "voxelmorph":
+            tester = PairVxmTester(config, staging, context, *network, dataset, labels)
+        else:
+            tester = PairTester(config, staging, context, checkpoint, dataset, labels)
         try:
             tester.test()
         finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from data_loader.dataset import PairDataset
 from model.voxelmorph import VxmDense
 from trainer.build import to_device
 from trainer.checkpoint import CheckpointError
@@ -25,13 +26,17 @@ def check_input_shape(model: VxmDense, config: VxmTestConfig, source: str) -> No
 
 
 class VxmTester(BaseTester):
-    """Registers every pair of the config with ``model`` (read from ``source``) and evaluates its transformation."""
+    """Registers every pair of the config with ``model`` (read from ``source``) and evaluates its transformation.
+
+    ``dataset`` and ``labels`` replace the config's data and evaluation structures, as for ``BaseTester``.
+    """
 
     transformation_name = "VoxelMorph"
 
-    def __init__(self, config: VxmTestConfig, folder: Path, context: Context, model: VxmDense, source: str):
+    def __init__(self, config: VxmTestConfig, folder: Path, context: Context, model: VxmDense, source: str,
+                 dataset: PairDataset | None = None, labels: dict[str, int] | None = None):
         check_input_shape(model, config, source)
-        super().__init__(config, folder, context)
+        super().__init__(config, folder, context, dataset, labels)
         self.model = model.to(context.device).eval()
         self.notes.append((logging.INFO, f"VoxelMorph network from {source}: {model.config()}"))
 
