@@ -24,8 +24,8 @@ import SimpleITK as sitk
 
 from data_loader.dataset import DEFAULT_LABELS, PairDataset, SubjectFiles
 from data_loader.images import MIN_OVERLAP, read_image, read_image_header, same_grid, world_overlap, write_image
-from trainer.run_folder import write_config
 from model.voxelmorph import VxmDense
+from trainer.run_folder import write_config
 from trainer.tester import Tester
 from trainer.vxm_tester import VxmTester
 from utils.config import ConfigError, QVTestConfig, RunConfig, VxmTestConfig, apply_overrides, parse_config
