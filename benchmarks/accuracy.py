@@ -3,6 +3,10 @@
     python -m benchmarks.accuracy --configs configs/synthbrain --metrics SSD LCC \
         --out benchmarks/results/accuracy_synthbrain.json [--checkpoint SSD=PATH ...] [--set KEY=VALUE ...]
 
+    python -m benchmarks.accuracy --protocol cpu [--metrics SSD LCC] [--set-train KEY=VALUE ...] [--set KEY=VALUE ...]
+
+``--protocol cpu`` runs the CPU protocol of ``configs/synthbrain/cpu_protocol`` (train on five dev pairs, compare
+on the four held out; see benchmarks/cpu_protocol.py) and writes to ``benchmarks/results/cpu_protocol/``.
 Without ``--checkpoint`` the metric is trained first with ``config_train_<M>.json``. Every step is timed.
 The tables report means over pairs and structures of the posterior-mean registration, and of the samples of q_v
 (the figures the reference reported).
@@ -20,6 +24,7 @@ import torch
 
 import test as test_script
 import train as train_script
+from benchmarks import cpu_protocol
 from utils.io import atomic_write_text
 
 QUANTITIES = ("dice", "asd_mm", "hd95_mm", "folding_percent_mask", "folding_voxels_reference", "log_jacobian_std")
@@ -125,8 +130,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="config override for the registration runs (repeatable)")
     parser.add_argument("--baseline-only", action="store_true", help="register with the baseline metrics only")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_synthbrain.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default benchmarks/results/accuracy_synthbrain.json); with --protocol cpu a "
+                             "folder (default benchmarks/results/cpu_protocol)")
+    parser.add_argument("--protocol", choices=["cpu"], help="run the CPU protocol (train / held-out split)")
+    parser.add_argument("--set-train", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="--protocol cpu: config override for training (repeatable)")
+    parser.add_argument("--train-run", action="append", default=[], metavar="METRIC=FOLDER",
+                        help="--protocol cpu: reuse this finished training run (with its halfway/ checkpoint)")
+    parser.add_argument("--test-run", action="append", default=[], metavar="METRIC:KIND=FOLDER",
+                        help="--protocol cpu: reuse this finished test run; KIND is baseline or learnt")
     args = parser.parse_args(argv)
+    if args.protocol == "cpu":
+        reuse = dict(item.split("=", 1) for item in args.test_run)
+        reuse.update({f"{metric}:train": folder for metric, folder in (i.split("=", 1) for i in args.train_run)})
+        return cpu_protocol.main(args.metrics, args.set_train, args.set, reuse,
+                                 args.out or Path("benchmarks/results/cpu_protocol"))
+    args.out = args.out or Path("benchmarks/results/accuracy_synthbrain.json")
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     results = [run_metric(args.configs, metric, checkpoints.get(metric), args.set, args.baseline_only)
                for metric in args.metrics]

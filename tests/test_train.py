@@ -12,6 +12,7 @@ from tests.demo_config import tiny_config
 from trainer.build import build_dataset, build_energy, build_similarity
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.q_v_inference import fit_q_v
+from trainer import q_v_inference
 from trainer.trainer import Trainer
 from utils.config import ConfigError, load_config
 from utils.distributed import setup
@@ -73,6 +74,21 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     first = train.main(["-c", str(tiny_config(tmp_path, no_epochs=1)), "--device", "cpu"])
     extended = train.main(["-r", str(first), "--set", "trainer.no_epochs=2", "--device", "cpu"])
     assert extended.name == "checkpoint_epoch2.pt" and not first.exists()
+
+
+@pytest.mark.parametrize("warm, expected", [(None, [3, 3, 3]), (1, [3, 1, 1])])
+def test_warm_started_epochs_use_no_iters_q_v_warm(tmp_path, monkeypatch, warm, expected):
+    """The first epoch runs no_iters_q_v; later epochs, whose q_v resumes from saved states, no_iters_q_v_warm."""
+    counts = []
+
+    def counting(*args, **kwargs):
+        counts.append(args[5])
+        return fit_q_v(*args, **kwargs)
+
+    monkeypatch.setattr(q_v_inference, "fit_q_v", counting)
+    config = tiny_config(tmp_path, subjects=2, no_epochs=3, **({} if warm is None else {"no_iters_q_v_warm": warm}))
+    train.main(["-c", str(config), "--device", "cpu"])
+    assert counts == expected
 
 
 def test_q_v_loss_falls_and_dice_rises_on_a_known_deformation(tmp_path):

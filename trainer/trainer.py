@@ -69,6 +69,11 @@ class Trainer(BaseTrainer):
         load_state(self.optimizer_theta, checkpoint, "optimizer_q_phi")
         load_state(self.optimizer_q_f, checkpoint, "optimizer_q_f")
 
+    def _no_iters_q_v(self, epoch: int) -> int:
+        """q_v iterations of an epoch: ``no_iters_q_v_warm`` once q_v resumes from saved states, when set."""
+        warm = self.config.trainer.no_iters_q_v_warm
+        return warm if warm is not None and epoch > self.fresh_q_v_epoch else self.config.trainer.no_iters_q_v
+
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         """q_v inference for the batch, save q_v, then one theta/q_f step; returns rank-averaged losses."""
         fixed, moving = to_device(batch["fixed"], self.context.device), to_device(batch["moving"], self.context.device)
@@ -78,7 +83,7 @@ class Trainer(BaseTrainer):
         fresh = epoch <= self.fresh_q_v_epoch
         states = [None if fresh else self.store.load(pid, epoch, shape) for pid in batch["pair_id"]]
         q_v, terms = infer_q_v(self.energy, fixed["im"], moving["im"], fixed["mask"], self.config, states,
-                               progress=self.context.is_main)
+                               progress=self.context.is_main, no_iters=self._no_iters_q_v(epoch))
         for i, pid in enumerate(batch["pair_id"]):
             self.store.save(pid, epoch, q_v.state(i))
         self.monitor.after_q_v(batch, q_v, self.energy, self.q_f, step=self.step + 1)

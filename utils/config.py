@@ -251,6 +251,9 @@ class QVTrainerArgs(TrainerArgs):
     channels_last: bool = False  # learnt metric's convolutions on NDHWC tensors: faster on CPU (benchmarks/README.md)
     q_v_cuda_graph: bool = False  # CUDA: capture one q_v iteration in a CUDA graph and replay it (benchmarks/README.md)
     q_v_compile: bool = False  # torch.compile the q_v loss (for CUDA; benchmarks/README.md)
+    # training: q_v iterations of a batch whose q_v resumes from the previous epoch's state (the CPU protocol's
+    # warm start); None: no_iters_q_v every epoch, as the reference
+    no_iters_q_v_warm: Optional[int] = checked(None, ge=1)
 
 
 def required() -> Any:
