@@ -24,6 +24,7 @@ from torch import nn
 
 from utils.archive import read_member
 from utils.flow import integrate_velocity, warp
+from utils.state_dict import state_dict_mismatch
 
 DEFAULT_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))  # encoder, decoder: VoxelMorph's default
 PADDING_MODE = "zeros"  # VoxelMorph samples outside the image as 0 (the project's q_v warps pad with the border)
@@ -166,9 +167,7 @@ class VxmDense(nn.Module):
     def load_weights(self, state: dict, source: str) -> None:
         """Load a state dict with exactly this network's keys and shapes (VoxelMorph's ``.grid`` buffers ignored)."""
         state = {k: v for k, v in state.items() if not k.endswith(".grid")}
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+        missing, unexpected, wrong = state_dict_mismatch(self.state_dict(), state)
         if missing or unexpected or wrong:
             raise VoxelMorphError(f"{source}: the weights do not fit VxmDense{self.nb_unet_features} (missing "
                                   f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]})")

@@ -14,6 +14,7 @@ from model.voxelmorph import VxmDense, load_authors_voxelmorph
 from utils.config import (RESUMABLE_KEYS, ConfigError, RunConfig, apply_overrides, changed_keys, load_config,
                           parse_config)
 from utils.io import atomic_torch_save, first_line
+from utils.state_dict import state_dict_mismatch
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
 VXM_CHECKPOINT_KIND = "learnsim/voxelmorph"
@@ -210,9 +211,7 @@ def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str)
     if expected != found:
         raise CheckpointError(f"{source}: the checkpoint holds a {found} metric but the config asks for {expected}")
     state = checkpoint["model"]
-    own = similarity.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    missing, unexpected, wrong = state_dict_mismatch(similarity.state_dict(), state)
     if missing or unexpected or wrong:
         raise CheckpointError(f"{source}: model weights do not fit the configured metric (missing {missing}, "
                               f"unexpected {unexpected}, wrong shape {wrong}); check model.args.no_features")
