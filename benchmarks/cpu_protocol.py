@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def run_metric(metric: str, train_overrides: list[str], test_overrides: list[str
     else:
         final, kept, result["train_seconds"] = train_two_legs(config, PROTOCOL / "pairs_train.csv", train_overrides)
         run = final.parent.parent
-    result["train_run"] = str(run)
+    result["train_run"] = os.path.relpath(run)
     sets = ["--set", f"data_loader.args.im_pairs={held_out.resolve()}"]
     sets += [arg for item in test_overrides for arg in ("--set", item)]
     tests = {}
@@ -181,7 +182,7 @@ def run_metric(metric: str, train_overrides: list[str], test_overrides: list[str
         else:
             tests[kind], result[f"test_{kind}_seconds"] = _timed(
                 test_script.main, ["-c", str(folder / f"config_test_{kind}_{metric}.json"), *extra, *sets])
-        result[f"test_{kind}_run"] = str(tests[kind])
+        result[f"test_{kind}_run"] = os.path.relpath(tests[kind])
     baseline, learnt = per_pair(tests["baseline"]), per_pair(tests["learnt"])
     result["per_pair"] = {"baseline": baseline, "learnt": learnt}
     result["held_out"] = paired_test(baseline, learnt, _pairs(held_out))
