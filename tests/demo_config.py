@@ -5,6 +5,8 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
+
 from data_loader.demo import make_demo_dataset
 from utils.config import QVTestConfig, parse_config
 
@@ -61,3 +63,24 @@ def tiny_vxm_config(tmp_path: Path, size: int = 16, subjects: int = 3, name: str
     path = tmp_path / name
     path.write_text(json.dumps(config))
     return path
+
+
+def train_killed(monkeypatch, trainer_class: type, config_path: Path, saved: Path, epoch: int,
+                 index: int | None = None) -> Path:
+    """Run train.py on ``config_path`` and kill it (KeyboardInterrupt) at batch ``index`` of ``epoch`` (its first
+    batch when None); returns the checkpoint of epoch - 1 that the killed run left under ``saved``."""
+    import train
+
+    original = trainer_class.train_batch
+
+    def killed(self, batch, current_epoch, current_index):
+        if current_epoch == epoch and (index is None or current_index == index):
+            raise KeyboardInterrupt("killed")
+        return original(self, batch, current_epoch, current_index)
+
+    monkeypatch.setattr(trainer_class, "train_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["-c", str(config_path), "--device", "cpu"])
+    monkeypatch.setattr(trainer_class, "train_batch", original)
+    (checkpoint,) = saved.rglob(f"checkpoint_epoch{epoch - 1}.pt")
+    return checkpoint

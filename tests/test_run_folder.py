@@ -12,7 +12,7 @@ import pytest
 import test as test_entry
 import train as train_entry
 from data_loader.demo import ensure_demo_dataset
-from tests.demo_config import tiny_config
+from tests.demo_config import tiny_config, train_killed
 from trainer.checkpoint import CheckpointError
 from trainer.run_folder import get_logger, read_status, resumed_run_folder
 from trainer.trainer import Trainer
@@ -31,19 +31,7 @@ def test_status_of_finished_train_and_test_runs(tmp_path):
 
 def test_a_killed_run_is_marked_failed_and_resume_cleans_up_and_can_reset_q_v(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, no_epochs=2)
-
-    original = Trainer.train_batch
-
-    def killed_in_epoch_2(self, batch, epoch, index):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, batch, epoch, index)
-
-    monkeypatch.setattr(Trainer, "train_batch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train_entry.main(["-c", str(config), "--device", "cpu"])
-    monkeypatch.setattr(Trainer, "train_batch", original)
-    (checkpoint,) = (tmp_path / "saved").rglob("checkpoint_epoch1.pt")
+    checkpoint = train_killed(monkeypatch, Trainer, config, tmp_path / "saved", 2)
     run = checkpoint.parent.parent
     assert read_status(run)["status"] == "failed" and read_status(run)["message"] == "interrupted"
 

@@ -8,7 +8,7 @@ import torch
 
 import train
 from model.variational import QV
-from tests.demo_config import tiny_config
+from tests.demo_config import tiny_config, train_killed
 from trainer.build import build_dataset, build_energy, build_similarity
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.q_v_inference import fit_q_v
@@ -47,19 +47,7 @@ def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(tmp_path, mon
     """Kill during epoch 2 after one pair's q_v was saved; resuming from epoch 1 must give the same result."""
     straight = train.main(["-c", str(tiny_config(tmp_path / "a")), "--device", "cpu"])
 
-    config_path = tiny_config(tmp_path / "b")
-    original = Trainer.train_batch
-
-    def killed(self, batch, epoch, index):
-        if epoch == 2 and index == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, batch, epoch, index)
-
-    monkeypatch.setattr(Trainer, "train_batch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["-c", str(config_path), "--device", "cpu"])
-    monkeypatch.setattr(Trainer, "train_batch", original)
-    (checkpoint,) = (tmp_path / "b" / "saved").rglob("checkpoint_epoch1.pt")
+    checkpoint = train_killed(monkeypatch, Trainer, tiny_config(tmp_path / "b"), tmp_path / "b" / "saved", 2, 1)
     resumed = train.main(["-r", str(checkpoint), "--device", "cpu"])
 
     assert resumed.parent == checkpoint.parent

@@ -16,7 +16,7 @@ import train
 from model.similarity import SimilarityMetric
 from model.voxelmorph import VxmDense
 from model.variational import QF
-from tests.demo_config import tiny_config, tiny_vxm_config
+from tests.demo_config import tiny_config, tiny_vxm_config, train_killed
 from trainer import outputs
 from trainer.checkpoint import (VXM_CHECKPOINT_KIND, CheckpointError, load_training_checkpoint, load_voxelmorph,
                                 save_checkpoint)
@@ -77,19 +77,7 @@ def test_training_writes_a_voxelmorph_run_folder_and_changes_the_network(trained
 
 def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(trained, tmp_path, monkeypatch):
     _, straight = trained
-    config_path = tiny_vxm_config(tmp_path, size=SIZE)
-    original = VxmTrainer.train_batch
-
-    def killed(self, batch, epoch, index):
-        if epoch == 2 and index == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, batch, epoch, index)
-
-    monkeypatch.setattr(VxmTrainer, "train_batch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["-c", str(config_path), "--device", "cpu"])
-    monkeypatch.setattr(VxmTrainer, "train_batch", original)
-    (checkpoint,) = (tmp_path / "saved").rglob("checkpoint_epoch1.pt")
+    checkpoint = train_killed(monkeypatch, VxmTrainer, tiny_vxm_config(tmp_path, size=SIZE), tmp_path / "saved", 2, 1)
     resumed = train.main(["-r", str(checkpoint), "--device", "cpu"])
     assert resumed.parent == checkpoint.parent
     expected, found = _trained(straight), _trained(resumed)
