@@ -22,10 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:
+def _as_rank(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``world_size`` on this machine, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:
+    _as_rank(rank, world_size, port)
     from tests.test_energy import recorded_step
     from trainer.run_folder import create_run_folder
     from trainer.trainer import Trainer
@@ -101,9 +106,7 @@ def test_two_gloo_ranks_step_with_the_mean_gradient_of_their_pairs(tmp_path):
 
 
 def _train_vxm_rank(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _as_rank(rank, world_size, port)
     from trainer.run_folder import create_run_folder
     from trainer.vxm_trainer import VxmTrainer
     from utils.config import load_config
