@@ -16,13 +16,13 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from utils.archive import MAX_ARCHIVE_BYTES, extract
+from utils.io import atomic_write
 
 MANIFEST = Path(__file__).resolve().parents[1] / "pretrained_models" / "manifest.json"
 MANIFEST_VERSION = 1
@@ -136,10 +136,8 @@ def _source_path(model: PretrainedModel, manifest: Path) -> Path | None:
 
 def _download(model: PretrainedModel, target: Path, progress: bool) -> None:
     """Fetch ``model.url`` into a temporary file beside ``target``; rename it only once verified."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
     limit = model.size if model.size is not None else MAX_ARCHIVE_BYTES
-    try:
+    with atomic_write(target) as tmp:
         try:
             with urllib.request.urlopen(model.url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as file, \
                     tqdm(total=model.size, unit="B", unit_scale=True, desc=model.name, disable=not progress,
@@ -158,9 +156,6 @@ def _download(model: PretrainedModel, target: Path, progress: bool) -> None:
             raise PretrainedError(f"{model.name}: cannot download {model.url} ({reason}): offline, or a wrong URL? "
                                   f"Nothing was written to {target.parent}") from None
         verify(model, tmp, f"the download of {model.url}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fetch(name: str, manifest: str | os.PathLike = MANIFEST, cache: str | os.PathLike | None = None,
