@@ -136,14 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--protocol", choices=["cpu"], help="run the CPU protocol (train / held-out split)")
     parser.add_argument("--set-train", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="--protocol cpu: config override for training (repeatable)")
-    parser.add_argument("--train-run", action="append", default=[], metavar="METRIC=FOLDER",
-                        help="--protocol cpu: reuse this finished training run (with its halfway/ checkpoint)")
+    parser.add_argument("--train-run", action="append", default=[], metavar="METRIC[:frozen]=FOLDER",
+                        help="--protocol cpu: reuse this finished training run (with its halfway/ checkpoint), or "
+                             "with :frozen this finished control run (theta frozen)")
     parser.add_argument("--test-run", action="append", default=[], metavar="METRIC:KIND=FOLDER",
                         help="--protocol cpu: reuse this finished test run; KIND is baseline or learnt")
     args = parser.parse_args(argv)
     if args.protocol == "cpu":
         reuse = dict(item.split("=", 1) for item in args.test_run)
-        reuse.update({f"{metric}:train": folder for metric, folder in (i.split("=", 1) for i in args.train_run)})
+        reuse.update({key if ":" in key else f"{key}:train": folder
+                      for key, folder in (item.split("=", 1) for item in args.train_run)})
         return cpu_protocol.main(args.metrics, args.set_train, args.set, reuse,
                                  args.out or Path("benchmarks/results/cpu_protocol"))
     args.out = args.out or Path("benchmarks/results/accuracy_synthbrain.json")

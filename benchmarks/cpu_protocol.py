@@ -3,10 +3,12 @@
     python -m benchmarks.accuracy --protocol cpu [--metrics SSD LCC] [--set-train KEY=VALUE ...] [--set KEY=VALUE ...]
 
 Per metric: train in two legs (to half the epochs, then resumed to the end, keeping the halfway checkpoint for the
-feature figure), register the held-out pairs with the baseline and with the learnt metric, and compare them pair by
-pair (Wilcoxon signed-rank test). Writes ``<out>/cpu_protocol.json``, ``<out>/curves.png`` (mean Dice and ASD of
-the posterior mean on the training pairs against the theta step, from TensorBoard) and ``<out>/features.png``
-(mid-slices of f(F) at steps 0, N/2 and N). ``--train-run M=FOLDER`` and ``--test-run M:baseline=FOLDER`` /
+feature figure); train the control run, the same config with theta and q_f frozen (``trainer.freeze_theta``), whose
+curve separates what theta does from what the warm-started q_v iterations do; register the held-out pairs with the
+baseline and with the learnt metric, and compare them pair by pair (Wilcoxon signed-rank test). Writes
+``<out>/cpu_protocol.json``, ``<out>/curves.png`` (mean Dice and ASD of the posterior mean on the training pairs
+against the theta step, from TensorBoard, learnt and frozen) and ``<out>/features.png`` (mid-slices of f(F) at steps
+0, N/2 and N). ``--train-run M=FOLDER``, ``--train-run M:frozen=FOLDER`` and ``--test-run M:baseline=FOLDER`` /
 ``M:learnt=FOLDER`` reuse finished runs instead of starting them.
 """
 from __future__ import annotations
@@ -68,6 +70,12 @@ def train_two_legs(config: Path, pairs: Path, overrides: list[str]) -> tuple[Pat
     return final, kept, time.perf_counter() - start
 
 
+def train_frozen(config: Path, pairs: Path, overrides: list[str]) -> tuple[Path, float]:
+    """The control run: ``config`` with ``trainer.freeze_theta``; returns its last checkpoint and the wall time."""
+    sets = [f"data_loader.args.im_pairs={pairs.resolve()}", *overrides, "trainer.freeze_theta=true"]
+    return _timed(train_script.main, ["-c", str(config), *[arg for item in sets for arg in ("--set", item)]])
+
+
 def per_pair(folder: Path) -> dict[str, dict[str, float]]:
     """Mean over structures of Dice and ASD (posterior mean) per pair, from a test run's metrics.csv."""
     values: dict[str, dict[str, list[float]]] = {}
@@ -127,14 +135,17 @@ def _save(figure: Figure, path: Path) -> None:
 
 
 def curves_figure(path: Path, results: list[dict]) -> None:
-    """Mean Dice and ASD of the posterior mean on the training pairs against the theta step, one line per metric."""
+    """Mean Dice and ASD of the posterior mean on the training pairs against the theta step: per metric, the learnt
+    run (solid) and the control run with theta frozen (dashed)."""
     figure = Figure(figsize=(9, 3.5))
     for column, (tag, label) in enumerate(zip(CURVES, ("Dice", "ASD (mm)"))):
         axes = figure.add_subplot(1, 2, column + 1)
-        for r in results:
-            points = np.array(r["curves"].get(tag, []))
-            if len(points):
-                axes.plot(points[:, 0], points[:, 1], marker="o", markersize=3, label=f"learnt {r['metric']}")
+        for colour, r in enumerate(results):
+            for key, style, name in (("curves", "-", "learnt"), ("curves_frozen", "--", "theta frozen")):
+                points = np.array(r.get(key, {}).get(tag, []))
+                if len(points):
+                    axes.plot(points[:, 0], points[:, 1], style, color=f"C{colour}", marker="o", markersize=2,
+                              label=f"{r['metric']}, {name}")
         axes.set_xlabel("theta step")
         axes.set_ylabel(f"{label}, training pairs")
         axes.legend(fontsize=8)
@@ -173,6 +184,13 @@ def run_metric(metric: str, train_overrides: list[str], test_overrides: list[str
         final, kept, result["train_seconds"] = train_two_legs(config, PROTOCOL / "pairs_train.csv", train_overrides)
         run = final.parent.parent
     result["train_run"] = os.path.relpath(run)
+    if f"{metric}:frozen" in reuse:
+        frozen = Path(reuse[f"{metric}:frozen"])
+    else:
+        final_frozen, result["train_frozen_seconds"] = train_frozen(config, PROTOCOL / "pairs_train.csv",
+                                                                    train_overrides)
+        frozen = final_frozen.parent.parent
+    result["train_frozen_run"] = os.path.relpath(frozen)
     sets = ["--set", f"data_loader.args.im_pairs={held_out.resolve()}"]
     sets += [arg for item in test_overrides for arg in ("--set", item)]
     tests = {}
@@ -189,6 +207,7 @@ def run_metric(metric: str, train_overrides: list[str], test_overrides: list[str
     result["uncertainty"] = {kind: json.loads((tests[kind] / "summary.json").read_text())["uncertainty"]["mean"]
                              for kind in tests}
     result["curves"] = curves(run)
+    result["curves_frozen"] = curves(frozen)
     steps = [0, load_checkpoint(kept)["step"], load_checkpoint(final)["step"]]
     result["feature_steps"] = steps
     result["features"] = feature_slices(config, held_out, [None, kept, final])

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from model.variational import QV
+from model.variational import QF, QV
 from tests.demo_config import tiny_config, train_killed
 from trainer.build import build_dataset, build_energy, build_similarity
 from trainer.checkpoint import CheckpointError, load_checkpoint
@@ -41,6 +42,33 @@ def test_training_writes_run_folder_and_changes_theta(tmp_path):
     moved = [k for k in initial if initial[k].shape == checkpoint["model"][k].shape
              and not torch.allclose(initial[k], checkpoint["model"][k], atol=1e-6)]
     assert moved, "theta did not change during training"
+
+
+def test_freeze_theta_keeps_theta_and_q_f_and_runs_the_same_q_v_schedule(tmp_path, monkeypatch):
+    """The control run of the CPU protocol: theta and q_f end exactly at their initialisation, the q_v iterations
+    are those of a learning run, and the contrastive loss is still logged."""
+    counts = []
+
+    def counting(*args, **kwargs):
+        counts.append(args[5])
+        return fit_q_v(*args, **kwargs)
+
+    monkeypatch.setattr(q_v_inference, "fit_q_v", counting)
+    config_path = tiny_config(tmp_path, subjects=2, no_epochs=3, no_iters_q_v_warm=1, freeze_theta=True)
+    checkpoint_path = train.main(["-c", str(config_path), "--device", "cpu"])
+    assert counts == [3, 1, 1]
+    checkpoint = load_checkpoint(checkpoint_path)
+    torch.manual_seed(0)  # the config's seed: the trainer's Dirac initialisation
+    initial = build_similarity(load_config(config_path)).state_dict()
+    for key, value in initial.items():
+        torch.testing.assert_close(checkpoint["model"][key], value, rtol=0, atol=0, msg=key)
+    q_f_args = load_config(config_path).q_f.args
+    for key, value in QF([16, 16, 16], q_f_args.sigma_init, q_f_args.u_init).state_dict().items():
+        torch.testing.assert_close(checkpoint["q_f"][key], value, rtol=0, atol=0, msg=key)
+    events = EventAccumulator(str(checkpoint_path.parent.parent / "log"))
+    events.Reload()
+    assert {"theta/loss", "epoch/dice"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("epoch/dice")) == 3
 
 
 def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -88,16 +88,25 @@ class Trainer(BaseTrainer):
             self.store.save(pid, epoch, q_v.state(i))
         self.monitor.after_q_v(batch, q_v, self.energy, self.q_f, step=self.step + 1)
         warped = self.energy.sample_warped(q_v, moving["im"])
-        self.optimizer_theta.zero_grad(set_to_none=True)
-        self.optimizer_q_f.zero_grad(set_to_none=True)
-        with denormals_flushed(self.context.device.type == "cpu"):
-            loss_theta = self.step_module(fixed["im"], warped, fixed["mask"])
-            loss_theta.backward()
-        self.optimizer_theta.step()
-        self.optimizer_q_f.step()
+        if self.config.trainer.freeze_theta:  # the control run: the contrastive loss is logged, nothing steps
+            with torch.no_grad(), denormals_flushed(self.context.device.type == "cpu"):
+                loss_theta = self.contrastive(fixed["im"], warped, fixed["mask"])
+        else:
+            loss_theta = self.theta_step(fixed["im"], warped, fixed["mask"])
         logged = torch.stack([t.mean() for t in terms.values()] + [loss_theta.detach()])
         logged = all_reduce_mean(logged, self.context).tolist()
         return dict(zip([f"q_v/{k}" for k in terms] + ["theta/loss"], logged))
+
+    def theta_step(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One contrastive step of theta and q_f (both optimizers on the same loss); returns the loss, detached."""
+        self.optimizer_theta.zero_grad(set_to_none=True)
+        self.optimizer_q_f.zero_grad(set_to_none=True)
+        with denormals_flushed(self.context.device.type == "cpu"):
+            loss_theta = self.step_module(fixed, warped, mask)
+            loss_theta.backward()
+        self.optimizer_theta.step()
+        self.optimizer_q_f.step()
+        return loss_theta.detach()
 
     def end_epoch(self, epoch: int) -> None:
         self.monitor.end_epoch(epoch, self.step, self.similarity, self.q_f)

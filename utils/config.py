@@ -254,6 +254,9 @@ class QVTrainerArgs(TrainerArgs):
     # training: q_v iterations of a batch whose q_v resumes from the previous epoch's state (the CPU protocol's
     # warm start); None: no_iters_q_v every epoch, as the reference
     no_iters_q_v_warm: Optional[int] = checked(None, ge=1)
+    # training: a control run in which theta and q_f stay at their initialisation (no theta/q_f step) while q_v
+    # follows the same schedule: the baseline learning curve of the CPU protocol
+    freeze_theta: bool = False
 
 
 def required() -> Any:
