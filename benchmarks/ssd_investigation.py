@@ -61,7 +61,17 @@ def structure_intensities(batch: dict, labels: dict[str, int]) -> list[dict]:
     return results
 
 
-def _grad_norms(energy, velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
+def training_batch(config, n: int) -> dict:
+    """The first ``n`` pairs of ``config``'s pairs as one batch (the loader's resizing and rescaling), on the CPU."""
+    dataset = build_dataset(config, Context(0, 1, 0, torch.device("cpu")))
+    items = [dataset[i] for i in range(n)]
+    batch = {side: {k: torch.stack([it[side][k] for it in items]) for k in items[0][side]}
+             for side in ("fixed", "moving")}
+    batch.update(pair_id=[it["pair_id"] for it in items], affine=torch.stack([it["affine"] for it in items]))
+    return batch
+
+
+def grad_norms(energy, velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
                 w_reg: float) -> dict[str, float]:
     """L2 norms (over the whole volume, summed over the batch) of d(term)/d(mean velocity)."""
     v = velocity.clone().requires_grad_(True)
@@ -84,11 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     pairs = PROTOCOL / "pairs_train.csv"
     config, _ = _energy("SSD", pairs)
-    dataset = build_dataset(config, Context(0, 1, 0, torch.device("cpu")))
-    items = [dataset[i] for i in range(args.pairs)]
-    batch = {side: {k: torch.stack([it[side][k] for it in items]) for k in items[0][side]}
-             for side in ("fixed", "moving")}
-    batch.update(pair_id=[it["pair_id"] for it in items], affine=torch.stack([it["affine"] for it in items]))
+    batch = training_batch(config, args.pairs)
     labels = build_labels(config)
     fixed, moving, mask = batch["fixed"]["im"], batch["moving"]["im"], batch["fixed"]["mask"]
     report: dict = {"pairs": batch["pair_id"], "iters": args.iters, "dims": config.data_loader.args.dims,
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                              ("ssd_solution", runs["SSD w_reg 1.8"]["mu"]))}
     w_reg = ssd_config.reg_loss.args.w_reg
     report["gradient_norms"] = {
-        f"{metric} at {where}": _grad_norms(energy, v, fixed, moving, mask, w_reg)
+        f"{metric} at {where}": grad_norms(energy, v, fixed, moving, mask, w_reg)
         for metric, energy in (("SSD", ssd), ("LCC", lcc))
         for where, v in (("identity", identity), ("lcc_solution", lcc_solution))}
     report["gradient_norms_w_reg"] = w_reg

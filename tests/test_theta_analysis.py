@@ -1,0 +1,77 @@
+"""The CPU protocol's description of theta: feature gain and sharpness, and the data term's pull at the identity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from benchmarks.ssd_investigation import training_batch
+from benchmarks.theta_analysis import describe, feature_statistics, gradient_magnitude
+from model.similarity import SimilarityMetric
+from tests.demo_config import tiny_config
+from utils.config import load_config
+
+
+def _image(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).random((20, 20, 20)))
+
+
+def test_identity_features_have_gain_and_sharpness_one():
+    image = _image()
+    found = feature_statistics(image, image.clone(), torch.ones_like(image))
+    assert found == {"feature_gain": pytest.approx(1.0), "feature_sharpness": pytest.approx(1.0)}
+
+
+def test_scaled_features_have_that_gain_and_the_same_sharpness():
+    image = _image()
+    found = feature_statistics(image, 3 * image + 1, torch.ones_like(image))
+    assert found == {"feature_gain": pytest.approx(3.0), "feature_sharpness": pytest.approx(1.0)}
+
+
+def test_blurred_features_are_less_sharp():
+    image = _image()
+    blurred = torch.from_numpy(gaussian_filter(image.numpy(), 1.0))
+    assert feature_statistics(image, blurred, torch.ones_like(image))["feature_sharpness"] < 0.5
+
+
+def test_the_gradient_magnitude_of_a_ramp_is_its_slope():
+    z, y, x = torch.meshgrid(*(torch.arange(12.0),) * 3, indexing="ij")
+    image = 0.3 * z - 0.4 * x  # |grad| = 0.5 everywhere
+    torch.testing.assert_close(gradient_magnitude(image), torch.full((11, 11, 11), 0.5))
+    features = 2 * image
+    found = feature_statistics(image, features, torch.ones_like(image))
+    assert found["feature_gain"] == pytest.approx(2.0)
+    assert found["feature_sharpness"] == pytest.approx(1.0)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * x
+
+
+def test_ssd_features_scaled_by_two_pull_four_times_harder(tmp_path):
+    """SSD is quadratic in f: f = 2x makes the data term, and its gradient at the identity, 4x the baseline's."""
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3), ["model.args.learnable=false"], mode="test")
+    batch = training_batch(config, 2)
+    baseline = SimilarityMetric("SSD", learnable=False)
+    scaled = SimilarityMetric("SSD", learnable=False)
+    scaled.features = _Scaled(2.0)
+    base, found = describe(baseline, config, batch), describe(scaled, config, batch)
+    assert base["data_gradient_norm"] > 0
+    assert found["data_gradient_norm"] == pytest.approx(4 * base["data_gradient_norm"], rel=1e-4)
+    assert found["feature_gain"] == pytest.approx(2.0) and base["feature_gain"] == pytest.approx(1.0)
+    assert "window_centre_fraction" not in found
+
+
+def test_the_initial_lcc_window_centre_is_one_of_27(tmp_path):
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3))
+    batch = training_batch(config, 1)
+    torch.manual_seed(0)
+    found = describe(SimilarityMetric("LCC", learnable=True), config, batch)
+    assert found["window_centre_fraction"] == pytest.approx(1 / 27)
