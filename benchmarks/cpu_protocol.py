@@ -29,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import test as test_script
 import train as train_script
-from benchmarks.theta_analysis import analyse
+from benchmarks.theta_analysis import describe_run
 from trainer.build import build_dataset, build_similarity
 from trainer.checkpoint import load_checkpoint, load_similarity
 from utils.config import load_config
@@ -212,7 +212,7 @@ def run_metric(metric: str, train_overrides: list[str], test_overrides: list[str
     steps = [0, load_checkpoint(kept)["step"], load_checkpoint(final)["step"]]
     result["feature_steps"] = steps
     result["features"] = feature_slices(config, held_out, [None, kept, final])
-    result["theta"] = analyse(config, PROTOCOL / "pairs_train.csv", [None, kept, final])
+    result["theta"] = describe_run(run, aligned_run=frozen)
     return result
 
 

@@ -8,9 +8,10 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from benchmarks.ssd_investigation import training_batch
-from benchmarks.theta_analysis import describe, feature_statistics, gradient_magnitude
+from benchmarks.theta_analysis import describe, feature_statistics, gradient_magnitude, q_v_motion, smooth_fraction
 from model.similarity import SimilarityMetric
 from tests.demo_config import tiny_config
+from trainer.build import build_energy
 from utils.config import load_config
 
 
@@ -75,3 +76,55 @@ def test_the_initial_lcc_window_centre_is_one_of_27(tmp_path):
     torch.manual_seed(0)
     found = describe(SimilarityMetric("LCC", learnable=True), config, batch)
     assert found["window_centre_fraction"] == pytest.approx(1 / 27)
+
+
+def _velocity(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A smooth random velocity (N, 3, D, H, W) of about a voxel."""
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    return torch.from_numpy(gaussian_filter(noise, (0, 0, 2, 2, 2)) * 5).float()
+
+
+def test_a_pair_that_is_already_aligned_prefers_the_identity(tmp_path):
+    """With M = F the identity is the best alignment, so any other transformation has a negative preference."""
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3), mode="test")
+    batch = training_batch(config, 2)
+    batch["moving"]["im"] = batch["fixed"]["im"].clone()
+    velocity = _velocity((2, 3, 16, 16, 16))
+    lcc = SimilarityMetric("LCC", learnable=False)
+    assert describe(lcc, config, batch, velocity)["alignment_preference"] < -1e-3
+    assert describe(lcc, config, batch, torch.zeros_like(velocity))["alignment_preference"] == 0.0
+
+
+def test_the_alignment_preference_of_ssd_does_not_change_with_the_gain_of_f(tmp_path):
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3), ["model.args.learnable=false"], mode="test")
+    batch = training_batch(config, 2)
+    velocity = _velocity((2, 3, 16, 16, 16), seed=1)
+    baseline = SimilarityMetric("SSD", learnable=False)
+    scaled = SimilarityMetric("SSD", learnable=False)
+    scaled.features = _Scaled(2.0)
+    found = describe(baseline, config, batch, velocity)["alignment_preference"]
+    assert found != 0.0
+    assert describe(scaled, config, batch, velocity)["alignment_preference"] == pytest.approx(found, rel=1e-4)
+
+
+def test_the_smoothing_keeps_a_constant_field_and_a_27th_of_a_checkerboard(tmp_path):
+    """The demo's Sobolev kernel (s 3, lambda 0.5) sums to 1 and answers the Nyquist frequency with 1/3 per axis
+    (the transcribed kernel [1, 4, 15, 56, 15, 4, 1] / 96, alternating sum 32/96), so a voxel checkerboard keeps
+    1/27 of its norm away from the borders; the borders add a little."""
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3), mode="test")
+    energy = build_energy(config, SimilarityMetric("SSD", learnable=False))
+    assert smooth_fraction(energy, torch.full((1, 3, 12, 12, 12), 0.7)) == pytest.approx(1.0)
+    z, y, x = torch.meshgrid(*(torch.arange(32),) * 3, indexing="ij")
+    checkerboard = (-1.0) ** (z + y + x)
+    found = smooth_fraction(energy, checkerboard.expand(1, 3, 32, 32, 32))
+    assert 1 / 27 - 1e-4 < found < 1.5 / 27
+
+
+def test_q_v_motion_is_zero_without_iterations_and_positive_with_them(tmp_path):
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3), mode="test")
+    batch = training_batch(config, 1)
+    energy = build_energy(config, SimilarityMetric("LCC", learnable=False))
+    images = batch["fixed"]["im"], batch["moving"]["im"], batch["fixed"]["mask"]
+    assert q_v_motion(energy, config, *images, 0) == {"q_v_mean_rms": 0.0, "q_v_smoothed_mean_rms": 0.0}
+    moved = q_v_motion(energy, config, *images, 4)
+    assert 0 < moved["q_v_smoothed_mean_rms"] <= moved["q_v_mean_rms"]
