@@ -29,9 +29,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import test as test_script
 import train as train_script
-from benchmarks.theta_analysis import describe_run
-from trainer.build import build_dataset, build_similarity
-from trainer.checkpoint import load_checkpoint, load_similarity
+from benchmarks.theta_analysis import describe_run, only_checkpoint, similarity_at
+from trainer.build import build_dataset
+from trainer.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.distributed import Context
 from utils.figures import mid_slices
@@ -119,14 +119,7 @@ def feature_slices(config: Path, pairs: Path, checkpoints: list[Path | None]) ->
     initialisation (None) and for each checkpoint."""
     settings = load_config(config, [f"data_loader.args.im_pairs={pairs.resolve()}"])
     fixed = build_dataset(settings, Context(0, 1, 0, torch.device("cpu")))[0]["fixed"]["im"][None]
-    slices = []
-    for path in checkpoints:
-        torch.manual_seed(settings.seed)  # the initialisation the trainer starts from
-        similarity = build_similarity(settings)
-        if path is not None:
-            load_similarity(similarity, load_checkpoint(path), str(path))
-        slices.append(mid_slices(similarity.features(fixed)[0, 0].numpy()))
-    return slices
+    return [mid_slices(similarity_at(settings, path).features(fixed)[0, 0].numpy()) for path in checkpoints]
 
 
 def _save(figure: Figure, path: Path) -> None:
@@ -180,7 +173,7 @@ def run_metric(metric: str, train_overrides: list[str], test_overrides: list[str
     result: dict = {"metric": metric, "train_overrides": train_overrides, "test_overrides": test_overrides}
     if f"{metric}:train" in reuse:
         run = Path(reuse[f"{metric}:train"])
-        (final,), (kept,) = list((run / "checkpoints").glob("*.pt")), list((run / "halfway").glob("*.pt"))
+        final, kept = only_checkpoint(run / "checkpoints"), only_checkpoint(run / "halfway")
     else:
         final, kept, result["train_seconds"] = train_two_legs(config, PROTOCOL / "pairs_train.csv", train_overrides)
         run = final.parent.parent

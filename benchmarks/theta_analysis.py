@@ -3,7 +3,8 @@
 For a learnt metric at some theta step (or the Dirac initialisation, step 0), on the first N training pairs of the
 CPU protocol (never the held-out pairs):
 
-- ``data_gradient_norm``: the L2 norm of d(data term)/d(mean velocity) at the identity transformation (whole volume,
+- ``data_gradient_norm``: the L2 norm of d(data term)/d(mean velocity) at the identity transformation (the
+  smoothing passes gradients straight through, so this is also the gradient with respect to the smoothed velocity) (whole volume,
   summed over the pairs, no noise): how hard the data term pulls against the regulariser, whose gradient is 0 there
   and ~198 at the LCC solution for w_reg 1.8 (benchmarks/results/ssd_investigation.json);
 - ``data_gradient_smooth_fraction``: ||S g|| / ||g|| for g the gradient of the data term with respect to the
@@ -97,6 +98,25 @@ def q_v_motion(energy: Energy, config, fixed: torch.Tensor, moving: torch.Tensor
                 "q_v_smoothed_mean_rms": float(energy.smooth(mean).pow(2).mean().sqrt())}
 
 
+def only_checkpoint(folder: Path) -> Path:
+    """The one checkpoint (``*.pt``) in ``folder`` (a CPU-protocol run's ``checkpoints/`` or ``halfway/``)."""
+    found = list(folder.glob("*.pt"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{folder}: expected exactly one checkpoint (*.pt), found {len(found)}; is this a "
+                                f"finished CPU-protocol run?")
+    return found[0]
+
+
+def similarity_at(config, checkpoint: Path | None) -> SimilarityMetric:
+    """The learnt metric of ``config`` at ``checkpoint``, or (None) the Dirac initialisation the trainer starts
+    from."""
+    torch.manual_seed(config.seed)  # the initialisation the trainer starts from
+    similarity = build_similarity(config)
+    if checkpoint is not None:
+        load_similarity(similarity, load_checkpoint(checkpoint), str(checkpoint))
+    return similarity
+
+
 def describe(similarity: SimilarityMetric, config, batch: dict,
              aligned: torch.Tensor | None = None, q_v_iters: int = 0) -> dict[str, float]:
     """The numbers of the module docstring for ``similarity`` on ``batch`` (a training batch of ``config``);
@@ -130,24 +150,18 @@ def analyse(config_path: Path, pairs: Path, checkpoints: list[Path | None], no_p
     batch = training_batch(config, no_pairs)
     aligned = None
     if aligned_run is not None:
-        (last,) = (aligned_run / "checkpoints").glob("*.pt")
-        epoch, store = load_checkpoint(last)["epoch"], QVStore(aligned_run / "q_v")
+        epoch = load_checkpoint(only_checkpoint(aligned_run / "checkpoints"))["epoch"]
+        store = QVStore(aligned_run / "q_v")
         shape = tuple(batch["fixed"]["im"].shape[2:])
         aligned = torch.stack([store.load(pair, epoch + 1, shape)["mu"] for pair in batch["pair_id"]])
-    results = []
-    for path in checkpoints:
-        torch.manual_seed(config.seed)  # the initialisation the trainer starts from
-        similarity = build_similarity(config)
-        if path is not None:
-            load_similarity(similarity, load_checkpoint(path), str(path))
-        results.append({"pairs": batch["pair_id"], **describe(similarity, config, batch, aligned, q_v_iters)})
-    return results
+    return [{"pairs": batch["pair_id"], **describe(similarity_at(config, path), config, batch, aligned, q_v_iters)}
+            for path in checkpoints]
 
 
 def describe_run(run: Path, aligned_run: Path | None = None, q_v_iters: int = Q_V_ITERS) -> list[dict]:
     """``analyse`` of a CPU-protocol training run folder (its config, ``halfway/`` and last checkpoint) on its own
     training pairs: steps 0, N/2 and N."""
-    (kept,), (final,) = list((run / "halfway").glob("*.pt")), list((run / "checkpoints").glob("*.pt"))
+    kept, final = only_checkpoint(run / "halfway"), only_checkpoint(run / "checkpoints")
     config_path = run / "config.json"
     pairs = Path(load_config(config_path).data_loader.args.im_pairs)
     return analyse(config_path, pairs, [None, kept, final], aligned_run=aligned_run, q_v_iters=q_v_iters)

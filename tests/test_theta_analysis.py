@@ -1,4 +1,5 @@
-"""The CPU protocol's description of theta: feature gain and sharpness, and the data term's pull at the identity."""
+"""The CPU protocol's description of theta: feature gain and sharpness, the data term's pull and how much of it the
+smoothing keeps, q_v motion and the preference for an aligned transformation."""
 from __future__ import annotations
 
 import numpy as np
