@@ -16,6 +16,9 @@ CPU protocol (never the held-out pairs):
 - ``feature_gain``: std of f(F) / std of F inside the atlas's mask;
 - ``feature_sharpness``: (mean |grad f(F)| / std f(F)) / (mean |grad F| / std F) inside the mask, forward
   differences; 1 at the identity, below 1 when f blurs;
+- ``first_layer_centre_tap`` and ``first_layer_off_centre_tap`` (learnt metrics): mean |w| of the centre taps and
+  of the 26 off-centre taps of f's first 3x3x3 convolution; the Dirac initialisation puts the centre taps at 1 /
+  (output channels) on average and the others at ~1e-7, and Adam moves each by at most about lr per theta step;
 - ``window_centre_fraction`` (learnt LCC): the centre weight of the LCC window over the sum of its weights, 1/27 for
   the initial box of ones;
 - ``alignment_preference`` (given an aligned velocity, e.g. the posterior means of the control run with theta
@@ -135,6 +138,13 @@ def describe(similarity: SimilarityMetric, config, batch: dict,
         result["alignment_preference"] = (at_identity - at_aligned) / abs(at_identity)
     with torch.no_grad():
         result.update(feature_statistics(fixed[0, 0], similarity.features(fixed[:1])[0, 0], mask[0, 0]))
+        convs = getattr(similarity.features, "convs", None)
+        if convs is not None:
+            weight = convs[0].weight.detach().abs()
+            off_centre = torch.ones(weight.shape[2:], dtype=torch.bool)
+            off_centre[1, 1, 1] = False
+            result.update(first_layer_centre_tap=float(weight[:, :, 1, 1, 1].mean()),
+                          first_layer_off_centre_tap=float(weight[:, :, off_centre].mean()))
         if similarity.window is not None:
             window = similarity.window.detach()
             centre = tuple(n // 2 for n in window.shape[2:])

@@ -129,3 +129,14 @@ def test_q_v_motion_is_zero_without_iterations_and_positive_with_them(tmp_path):
     assert q_v_motion(energy, config, *images, 0) == {"q_v_mean_rms": 0.0, "q_v_smoothed_mean_rms": 0.0}
     moved = q_v_motion(energy, config, *images, 4)
     assert 0 < moved["q_v_smoothed_mean_rms"] <= moved["q_v_mean_rms"]
+
+
+def test_the_dirac_initialisation_puts_the_first_layer_s_weight_on_the_centre_tap(tmp_path):
+    """METHOD.md: centre taps positive and L1-normalised over the 4 output channels (mean 1/4), the rest ~1e-7."""
+    config = load_config(tiny_config(tmp_path, size=16, subjects=3))
+    batch = training_batch(config, 1)
+    torch.manual_seed(0)
+    found = describe(SimilarityMetric("SSD", learnable=True), config, batch)
+    assert found["first_layer_centre_tap"] == pytest.approx(0.25, rel=1e-4)
+    assert found["first_layer_off_centre_tap"] < 1e-6
+    assert "first_layer_centre_tap" not in describe(SimilarityMetric("SSD", learnable=False), config, batch)
