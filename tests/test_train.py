@@ -86,6 +86,23 @@ def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(tmp_path, mon
     assert load_checkpoint(resumed)["step"] == load_checkpoint(straight)["step"]
 
 
+def test_keep_checkpoints_keeps_those_epochs_and_survives_a_resume(tmp_path):
+    """The budget sweep's checkpoints: the listed epochs stay in kept/, each the state of that epoch, while
+    checkpoints/ holds only the last one; a resumed run keeps adding to kept/."""
+    first = train.main(["-c", str(tiny_config(tmp_path, no_epochs=3, keep_checkpoints=[1, 3])), "--device", "cpu"])
+    last = train.main(["-r", str(first), "--set", "trainer.no_epochs=4", "--set", "trainer.keep_checkpoints=[1,3,4]",
+                       "--device", "cpu"])
+    folder = last.parent.parent
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint_epoch4.pt"]
+    kept = {p.name: load_checkpoint(p) for p in (folder / "kept").iterdir()}
+    assert sorted(kept) == ["checkpoint_epoch1.pt", "checkpoint_epoch3.pt", "checkpoint_epoch4.pt"]
+    assert [kept[f"checkpoint_epoch{e}.pt"]["step"] for e in (1, 3, 4)] == [2, 6, 8]  # two pairs, batch 1
+    for key, value in load_checkpoint(last)["model"].items():
+        torch.testing.assert_close(kept["checkpoint_epoch4.pt"]["model"][key], value, rtol=0, atol=0)
+    assert not torch.equal(kept["checkpoint_epoch1.pt"]["model"]["features.convs.0.weight"],
+                           kept["checkpoint_epoch3.pt"]["model"]["features.convs.0.weight"])
+
+
 def test_resume_can_extend_a_finished_run(tmp_path):
     first = train.main(["-c", str(tiny_config(tmp_path, no_epochs=1)), "--device", "cpu"])
     extended = train.main(["-r", str(first), "--set", "trainer.no_epochs=2", "--device", "cpu"])

@@ -23,6 +23,8 @@ from trainer.run_folder import get_logger
 from utils.config import RunConfig
 from utils.distributed import Context, barrier
 
+KEPT = "kept"  # the run folder's subfolder of kept checkpoints (trainer.keep_checkpoints)
+
 
 def distributed(module: nn.Module, context: Context) -> nn.Module:
     """``module`` wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks), else itself."""
@@ -105,12 +107,17 @@ class BaseTrainer:
         return last
 
     def _checkpoint(self, epoch: int) -> Path:
-        """Checkpoint on rank 0 (atomically), then drop the previous one; every rank waits for it."""
-        path = self.folder / "checkpoints" / f"checkpoint_epoch{epoch}.pt"
+        """Checkpoint on rank 0 (atomically), then drop the previous one; every rank waits for it. The epochs of
+        ``trainer.keep_checkpoints`` are also written to ``<run>/kept/``, which nothing deletes."""
+        name = f"checkpoint_epoch{epoch}.pt"
+        path = self.folder / "checkpoints" / name
         barrier(self.context)
         if self.context.is_main:
-            save_run_checkpoint(path, self.checkpoint_kind, epoch=epoch, step=self.step,
-                                config=self.config.to_dict(), state=self.state())
+            contents = dict(kind=self.checkpoint_kind, epoch=epoch, step=self.step, config=self.config.to_dict(),
+                            state=self.state())
+            save_run_checkpoint(path, **contents)
+            if epoch in self.config.trainer.keep_checkpoints:
+                save_run_checkpoint(self.folder / KEPT / name, **contents)
             for old in path.parent.glob("checkpoint_epoch*.pt"):
                 if old != path:
                     old.unlink(missing_ok=True)

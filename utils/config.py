@@ -239,6 +239,9 @@ class TrainerArgs(Section):
     log_period: int = checked(64, ge=1)
     save_outputs: bool = True  # test: per-pair NIfTI images and fields on the input grid (docs/outputs.md)
     save_figures: bool = True  # test: per-pair PNG panel and per-structure box plots; train: TensorBoard images
+    # train: epochs whose checkpoints are also kept in <run>/kept/ (the last epoch's stays in checkpoints/ as ever),
+    # e.g. the theta budgets of a budget sweep
+    keep_checkpoints: list[int] = checked(factory=list, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -532,6 +535,7 @@ def _resolve_metric_checkpoint(config: RunConfig, base: Path) -> None:
 # what a resumed run may change: how long it runs, and what it logs or writes (it stays in its own folder, so
 # save_dir has no effect); any other change would make it another run than the one its checkpoint continues
 RESUMABLE_KEYS = ("trainer.no_epochs", "trainer.log_period", "trainer.save_figures", "trainer.save_outputs",
+                  "trainer.keep_checkpoints",
                   "trainer.no_samples_test", "trainer.save_dir", "data_loader.args.no_workers")
 
 
