@@ -203,3 +203,78 @@ def test_train_batch_steps_theta_and_q_f_on_the_contrastive_loss(tmp_path):
               **{f"q_f.{k}": v for k, v in log[0]["q_f"].items()}}
     moved = {name for name in actual if not torch.equal(actual[name].detach(), before[name])}
     assert {"q_f.log_var", "q_f.u", "similarity.features.aggregation.weight"} <= moved
+
+
+def linear_ssd_metric(negative_slope: float) -> SimilarityMetric:
+    """A learnt SSD metric with generic weights (negative taps and biases included): with slope 1 f is affine."""
+    torch.manual_seed(3)
+    similarity = SimilarityMetric("SSD", learnable=True, negative_slope=negative_slope).double()
+    with torch.no_grad():
+        for p in similarity.parameters():
+            p.copy_(torch.randn_like(p))
+    return similarity
+
+
+def contrastive_without_noise(similarity: SimilarityMetric, q_f: QF, fixed, moving, mask, seed: int):
+    """ContrastiveLoss with the three warps identical (uniform noise off) and the q_f offset e it drew."""
+    torch.manual_seed(seed)
+    fixed_1, _ = q_f(fixed)
+    torch.manual_seed(seed)
+    loss = ContrastiveLoss(similarity, q_f)(fixed, moving.repeat(3, 1, 1, 1, 1), mask)
+    return loss, (fixed_1 - fixed).detach()
+
+
+def antithetic_identity(similarity: SimilarityMetric, offset, mask) -> torch.Tensor:
+    """-1/2 sum_mask (f(e) - f(0))^2: the linear part of an affine f applied to q_f's offset e, per pair, averaged
+    over the batch (the contrastive loss's division by the batch)."""
+    with torch.no_grad():
+        linear = similarity.features(offset) - similarity.features(torch.zeros_like(offset))
+    return (-0.5 * (linear ** 2 * mask).flatten(1).sum(1)).mean()
+
+
+def fixed_inside_the_unit_interval(batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """F in [0.4, 0.6] and a mask: q_f's offsets (sigma 0.01, |u| 0.01) never reach the [0, 1] clamp."""
+    generator = torch.Generator().manual_seed(11)
+    fixed = 0.4 + 0.2 * torch.rand(batch, 1, *DIMS, generator=generator, dtype=torch.float64)
+    mask = (torch.rand(batch, 1, *DIMS, generator=generator) > 0.3).to(torch.float64)
+    return fixed, mask
+
+
+@pytest.mark.parametrize("moving_kind", ["aligned", "unrelated"])
+def test_ssd_contrastive_loss_of_a_linear_f_is_minus_half_the_features_of_the_noise(moving_kind):
+    """METHOD.md's property: SSD, linear f (LeakyReLU slope 1), no noise, no clamping: E(F) - (E(F+e) + E(F-e))/2 =
+    -1/2 sum_mask f(e)^2, whatever M. So the SSD theta step cannot reward alignment; it can only grow f's response
+    to q_f's noise."""
+    similarity, q_f = linear_ssd_metric(1.0), QF(DIMS, sigma_init=0.01, u_init=0.01).double()
+    fixed, mask = fixed_inside_the_unit_interval()
+    generator = torch.Generator().manual_seed(12)
+    moving = fixed.clone() if moving_kind == "aligned" else torch.rand(fixed.shape, generator=generator,
+                                                                        dtype=torch.float64)
+    loss, offset = contrastive_without_noise(similarity, q_f, fixed, moving, mask, seed=4)
+    assert float(offset.abs().max()) < 0.2  # the clamp to [0, 1] was not active
+    expected = antithetic_identity(similarity, offset, mask)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-9)
+    assert float(expected) < -1e-3
+
+
+def test_the_leaky_relu_and_the_clamp_make_the_ssd_step_depend_on_the_images():
+    """With the reference's slope 0.2, or with F at the edges of [0, 1] where q_f's samples are clamped, the
+    contrastive loss is no longer -1/2 sum f(e)^2, and it differs between an aligned and an unrelated M."""
+    fixed, mask = fixed_inside_the_unit_interval()
+    generator = torch.Generator().manual_seed(12)
+    unrelated = torch.rand(fixed.shape, generator=generator, dtype=torch.float64)
+
+    def losses(similarity, q_f, fixed):
+        aligned, offset = contrastive_without_noise(similarity, q_f, fixed, fixed.clone(), mask, seed=4)
+        other, _ = contrastive_without_noise(similarity, q_f, fixed, unrelated, mask, seed=4)
+        return aligned, other, antithetic_identity(similarity, offset, mask)
+
+    small_q_f = QF(DIMS, sigma_init=0.01, u_init=0.01).double()
+    aligned, other, identity = losses(linear_ssd_metric(0.2), small_q_f, fixed)  # LeakyReLU: f not linear
+    assert abs(float(aligned - identity)) > 1e-3 * abs(float(identity))
+    assert abs(float(aligned - other)) > 1e-3 * abs(float(aligned))
+
+    edges = (fixed > 0.5).to(torch.float64)  # a binary F: half its voxels at 1, half at 0, where the clamp acts
+    aligned, other, identity = losses(linear_ssd_metric(1.0), QF(DIMS, sigma_init=0.1, u_init=0.1).double(), edges)
+    assert abs(float(aligned - identity)) > 1e-3 * abs(float(identity))
+    assert abs(float(aligned - other)) > 1e-3 * abs(float(aligned))

@@ -1,0 +1,128 @@
+"""The paper-budget protocol: its budgets and splits, and the statistics it reports, against hand computations."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmarks.paper_budget import (BUDGETS, FOLDS, PROTOCOL, budget_epochs, choose_w_reg, interpolate_sweep,
+                                     paired, pairs_needed, per_pair, read_pairs, welch_over_samples)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("pair_id", "sample", "structure", "status", "dice", "asd_mm", "folding_percent_reference")
+
+
+def write_metrics(folder: Path, rows: list[tuple]) -> Path:
+    with open(folder / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(FIELDS)
+        writer.writerows(rows)
+    return folder
+
+
+def test_budgets_are_the_papers_lr_times_steps():
+    """The paper: ~600 theta steps at lr 1e-5 (METHOD.md). At lr 1.5e-4, 40 steps are one budget."""
+    assert budget_epochs(1.5e-4) == {0.125: 5, 0.25: 10, 0.5: 20, 1.0: 40, 2.0: 80, 4.0: 160}
+    assert budget_epochs(1e-5)[1.0] == 600
+    with pytest.raises(ValueError, match="whole steps"):
+        budget_epochs(1e-4)  # 1/8 of 60 steps is 7.5
+
+
+@pytest.mark.parametrize("metric", ["SSD", "LCC"])
+def test_protocol_configs_keep_the_papers_budgets_ratio_and_test_schedule(metric):
+    train = json.loads((ROOT / PROTOCOL / metric / f"config_train_{metric}.json").read_text())
+    theta_lr, q_f_lr = train["optimizer_q_phi"]["args"]["lr"], train["optimizer_q_f"]["args"]["lr"]
+    steps = 6e-3 / theta_lr  # one paper budget: 600 x 1e-5
+    assert q_f_lr * steps == pytest.approx(0.6) and q_f_lr / theta_lr == pytest.approx(1e-3 / 1e-5)
+    assert sorted(train["trainer"]["keep_checkpoints"]) == [round(b * steps) for b in BUDGETS]
+    assert train["trainer"]["no_epochs"] == round(max(BUDGETS) * steps)
+    assert train["data_loader"]["args"]["batch_size"] == 5  # one theta step per epoch on a fold's five pairs
+    lr, iterations = {"SSD": (0.01, 1024), "LCC": (0.02, 1344)}[metric]  # the reference's test schedule
+    for kind in ("baseline", "learnt"):
+        test = json.loads((ROOT / PROTOCOL / metric / f"config_test_{kind}_{metric}.json").read_text())
+        assert (test["optimizer_q_v"]["args"]["lr"], test["trainer"]["no_iters_q_v"]) == (lr, iterations)
+        assert test["trainer"]["no_samples_test"] == 5
+        assert test["reg_loss"]["args"]["w_reg"] == {"SSD": 1.8, "LCC": 2.8}[metric]
+
+
+def test_the_two_folds_hold_out_eight_dev_pairs_and_never_train_on_them():
+    folds = {f: (read_pairs(ROOT / PROTOCOL / f"fold_{f}_train.csv"),
+                 read_pairs(ROOT / PROTOCOL / f"fold_{f}_held_out.csv")) for f in FOLDS}
+    for train, held_out in folds.values():
+        assert len(train) == 5 and len(held_out) == 4 and not set(train) & set(held_out)
+    held_out = folds["a"][1] + folds["b"][1]
+    assert len(set(held_out)) == 8
+    dev = ROOT.parent / "shared" / "data" / "synthbrain" / "pairs_dev.csv"
+    if not dev.is_file():
+        pytest.skip(f"SynthBrain data not found at {dev.parent}")
+    assert set(folds["a"][0] + folds["a"][1]) == set(folds["b"][0] + folds["b"][1]) == set(read_pairs(dev))
+
+
+def test_per_pair_averages_structures_then_samples_and_counts_a_lost_structure_as_zero(tmp_path):
+    rows = [("p", "identity", "a", "ok", 0.2, 3.0, 0.0), ("p", "identity", "b", "ok", 0.4, 5.0, 0.0),
+            ("p", "mean", "a", "ok", 0.6, 1.0, 0.5), ("p", "mean", "b", "missing_in_warped", 0.0, "nan", 0.5),
+            ("p", "mean", "c", "missing_in_fixed", "nan", "nan", 0.5),
+            ("p", "0", "a", "ok", 0.8, 2.0, 1.0), ("p", "0", "b", "ok", 0.4, 4.0, 1.0),
+            ("p", "1", "a", "ok", 0.6, 1.0, 3.0), ("p", "1", "b", "ok", 0.2, 3.0, 3.0)]
+    found = per_pair(write_metrics(tmp_path, rows))["p"]
+    assert found["dice"] == pytest.approx(0.3) and found["asd_mm"] == pytest.approx(1.0)
+    assert found["dice_before"] == pytest.approx(0.3)
+    assert found["dice_samples"] == pytest.approx((0.6 + 0.4) / 2)
+    assert found["asd_mm_samples"] == pytest.approx((3.0 + 2.0) / 2)
+    assert found["folding_percent"] == 0.5 and found["folding_percent_samples"] == pytest.approx(2.0)
+    assert found["sample_dice"] == {"a": [0.8, 0.6], "b": [0.4, 0.2]}
+
+
+def _pairs(values: dict[str, float]) -> dict:
+    return {p: {"dice": v, "asd_mm": -v, "folding_percent": 0.0, "dice_samples": v, "asd_mm_samples": 0.0,
+                "folding_percent_samples": 0.0, "dice_before": 0.5} for p, v in values.items()}
+
+
+def test_paired_differences_and_the_exact_wilcoxon_p_of_eight_improvements():
+    pairs = [f"p{i}" for i in range(8)]
+    reference = _pairs({p: 0.5 for p in pairs})
+    other = _pairs({p: 0.5 + 0.01 * (i + 1) for i, p in enumerate(pairs)})
+    result = paired(reference, other, pairs + ["unregistered"])
+    assert result["n"] == 8 and result["smallest_attainable_p"] == pytest.approx(2 / 256)
+    assert result["dice"]["mean_difference"] == pytest.approx(0.045)
+    assert result["dice"]["sd_difference"] == pytest.approx(np.std(0.01 * np.arange(1, 9), ddof=1))
+    assert result["dice"]["wilcoxon_p"] == pytest.approx(2 / 256)  # all eight of one sign: 2 x (1/2)^8
+    assert result["dice_before"]["wilcoxon_p"] is None  # no difference at all
+
+
+def test_welch_over_samples_is_the_one_tailed_unequal_variance_t_test():
+    reference = {"p": {"sample_dice": {"a": [0.5, 0.6, 0.55], "b": [0.2, 0.3]}},
+                 "q": {"sample_dice": {"a": [0.45, 0.5, 0.52], "b": [0.25, 0.2]}}}
+    other = {"p": {"sample_dice": {"a": [0.7, 0.65, 0.6], "b": [0.1, 0.2]}},
+             "q": {"sample_dice": {"a": [0.62, 0.66, 0.7], "b": [0.2, 0.15]}}}
+    result = welch_over_samples(reference, other, ["p", "q"])
+    for name in ("a", "b"):
+        x = np.array(other["p"]["sample_dice"][name] + other["q"]["sample_dice"][name])
+        y = np.array(reference["p"]["sample_dice"][name] + reference["q"]["sample_dice"][name])
+        vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+        t = (x.mean() - y.mean()) / math.sqrt(vx + vy)
+        df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))  # Welch-Satterthwaite
+        assert result["structures"][name]["p"] == pytest.approx(stats.t.sf(t, df))
+    assert result["significant"] == 1 and result["of"] == 2  # a better (p ~ 1e-4), b worse (p ~ 0.9)
+
+
+@pytest.mark.parametrize("d, expected", [(1.0, 10), (0.5, 34)])
+def test_pairs_needed_matches_the_tabulated_paired_t_sample_sizes(d, expected):
+    """Two-sided paired t-test, alpha 0.05, power 0.8: n = 10 for effect size 1 and 34 for 0.5 (Cohen's tables)."""
+    assert pairs_needed(0.02 * d, 0.02) == expected
+
+
+def test_w_reg_is_chosen_on_the_given_pairs_and_read_off_the_sweep_in_log_w():
+    sweep = {1.0: _pairs({"t": 0.5, "h": 0.9}), 0.25: _pairs({"t": 0.7, "h": 0.1}), 4.0: _pairs({"t": 0.6, "h": 0.3})}
+    assert choose_w_reg(sweep, ["t"]) == 0.25  # the held-out pair would have chosen 1.0
+    values, outside = interpolate_sweep(sweep, 0.5, ["h"])  # halfway between 0.25 and 1 in log w
+    assert not outside and values["h"]["dice"] == pytest.approx(0.5)
+    values, outside = interpolate_sweep(sweep, 2.0, ["h"])
+    assert values["h"]["dice"] == pytest.approx(0.6)
+    values, outside = interpolate_sweep(sweep, 0.01, ["h"])
+    assert outside and values["h"]["dice"] == pytest.approx(0.1)
