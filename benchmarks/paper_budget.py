@@ -360,8 +360,9 @@ class Protocol:
                              q_v_lr, w_reg=w_reg)
 
     def run_all(self) -> None:
-        """Every run, most important first: training; the baselines; the 1x budget with its matched control; the
-        other budgets; SSD at the paper's stated q_v lr; the frozen-theta control runs."""
+        """Every run, most important first: training and its frozen-theta control runs (whether a learning curve
+        is theta's doing); the baselines; the 1x budget with its matched control; the other budgets; SSD at the
+        paper's stated q_v lr."""
         for metric in self.metrics:
             self.epochs(metric)  # a config that cannot give the budgets fails before anything runs
             if W_REG_REFERENCE[metric] not in W_REG_SWEEP[metric]:
@@ -369,6 +370,8 @@ class Protocol:
         for metric in self.metrics:
             for fold in FOLDS:
                 self.train(metric, fold)
+        for metric in self.metrics:
+            self.train(metric, "a", frozen=True)
         for metric in self.metrics:
             self.sweep(metric, Q_V_LRS[metric][0])
         for metric in self.metrics:
@@ -385,8 +388,6 @@ class Protocol:
                 for fold in FOLDS:
                     self.learnt(metric, fold, 1.0, q_v_lr)
                     self.matched(metric, fold, 1.0, q_v_lr)
-        for metric in self.metrics:
-            self.train(metric, "a", frozen=True)
 
     # -----------------------------------------------------------------------------------------------------------
     # analysis
