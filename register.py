@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> str:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     check_outputs(args)
+    print(f"registering {args.moving} to {args.fixed}", flush=True)
     result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, fixed_seg=args.fixed_seg,
                       moving_seg=args.moving_seg, affine=args.affine, initial_transform=args.initial_transform,
                       checkpoint=args.checkpoint, metric=args.metric, model=args.model, schedule=args.schedule,
