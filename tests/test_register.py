@@ -133,7 +133,7 @@ def test_simpleitk_reproduces_the_outputs_from_the_written_transforms(registered
 
 
 def test_ants_reproduces_the_outputs_from_the_written_transforms(registered, demo_pair):
-    ants = pytest.importorskip("ants", reason="ANTsPy is a benchmark-only dependency (benchmarks/requirements-ants.txt)")
+    ants = pytest.importorskip("ants", reason="ANTsPy is benchmark-only (benchmarks/requirements-ants.txt)")
     fixed = ants.image_read(str(demo_pair["fixed_im_nii"]))
     transforms = [str(registered / registration.WARP), str(registered / registration.AFFINE)]
     warped = ants.apply_transforms(fixed, ants.image_read(str(demo_pair["moving_im_nii"])), transforms)
@@ -193,7 +193,8 @@ def test_affine_step_recovers_a_known_translation(demo_pair, shifted):
                            iterations=1, samples=2, device="cpu")
     centre = np.asarray(sitk.ReadImage(str(demo_pair["fixed_im"])).TransformContinuousIndexToPhysicalPoint(
         [SIZE / 2] * 3))
-    np.testing.assert_allclose(np.asarray(result.affine.TransformPoint(centre)) - centre, shifted["shift_lps"], atol=0.5)
+    moved = np.asarray(result.affine.TransformPoint(centre)) - centre
+    np.testing.assert_allclose(moved, shifted["shift_lps"], atol=0.5)
 
 
 def test_initial_transform_from_a_file_is_the_affine_step(demo_pair, shifted, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -86,8 +85,9 @@ class PairInputs:
                 continue
             loaded = load_input(value, kind, attribute.replace("_", " "))
             if not same_grid(loaded.GetSize(), affine_of(loaded), image.GetSize(), affine_of(image)):
-                raise ValueError(f"{describe(value)}: {attribute.replace('_', ' ')} grid (shape {loaded.GetSize()}, "
-                                 f"affine {_short(affine_of(loaded))}) does not match its image {describe(image_value)} "
+                what = attribute.replace("_", " ")
+                raise ValueError(f"{describe(value)}: {what} grid (shape {loaded.GetSize()}, affine "
+                                 f"{_short(affine_of(loaded))}) does not match its image {describe(image_value)} "
                                  f"(shape {image.GetSize()}, affine {_short(affine_of(image))})")
             setattr(inputs, attribute, loaded)
         return inputs
@@ -140,8 +140,3 @@ def _short(affine: np.ndarray) -> str:
 def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
     """``array`` (X, Y, Z) or (X, Y, Z, C) as a SimpleITK image on the grid of ``reference``."""
     return image_from_array(array, affine_of(reference), is_vector=is_vector)
-
-
-def path_or_none(value: ImageInput | None) -> Path | None:
-    """The path of an input given as a file, else None."""
-    return Path(value) if isinstance(value, (str, os.PathLike)) else None

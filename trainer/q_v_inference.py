@@ -93,6 +93,7 @@ def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, 
     step = _graphed_iteration(iteration_step) if use_graph else iteration_step
     terms: dict[str, torch.Tensor] = {}
     with frozen(energy.similarity), denormals_flushed(flush_denormal and moving.device.type == "cpu"):
+        # disable=None: a progress bar only when stderr is a terminal (no cursor codes in redirected logs)
         for iteration in tqdm(range(1, no_iters + 1), desc="q_v", leave=False, disable=None if progress else True):
             terms = step()
             if log is not None and log_period and iteration % log_period == 0:

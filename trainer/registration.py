@@ -31,10 +31,11 @@ from trainer.build import build_energy, build_similarity
 from trainer.checkpoint import (holds_voxelmorph, is_pretrained_model, load_checkpoint, load_similarity,
                                 load_voxelmorph, similarity_from_checkpoint)
 from trainer.evaluation import ROW_FIELDS, RunningMoments, metric_rows, sample_displacements, voxel_spacing
-from trainer.pair_inputs import ImageInput, PairInputs, affine_of, describe, image_like
+from trainer.pair_inputs import ImageInput, PairInputs, describe, image_like
 from trainer.pretrained import resolve_checkpoint
 from trainer.q_v_inference import infer_q_v, infer_q_v_pyramid
-from trainer.registration_config import (DEFAULT_MODEL, base_config, registration_config, vxm_registration_config)
+from trainer.registration_config import DEFAULT_MODEL, base_config, registration_config, vxm_registration_config
+from trainer.vxm_tester import check_input_shape
 from utils.affine import AFFINE_METRICS, affine_register, identity_affine, read_affine, write_affine
 from utils.config import ConfigError, QVTestConfig, RunConfig
 from utils.io import atomic_write, atomic_write_text
@@ -251,6 +252,7 @@ def register(fixed: ImageInput, moving: ImageInput, *, fixed_mask: ImageInput | 
                               f"{'it' if len(given) == 1 else 'them'} out")
         network = load_voxelmorph(path, device)[0]
         config = vxm_registration_config(network.inshape, here, str(checkpoint), dims=dims, overrides=overrides)
+        check_input_shape(network, config, str(checkpoint))  # an override of data_loader.args.dims
     else:
         loaded = load_checkpoint(path, device) if path is not None else None
         if loaded is not None:

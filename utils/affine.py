@@ -72,8 +72,8 @@ def affine_register(fixed: sitk.Image, moving: sitk.Image, metric: str = "mattes
                     iterations: int = 200) -> sitk.AffineTransform:
     """The affine transform (fixed -> moving points) that aligns ``moving`` to ``fixed``.
 
-    Two stages on the SHRINK_FACTORS / SMOOTHING_SIGMAS levels that fit the image, each optimised by regular-step gradient descent with
-    scales from physical shifts: rigid (Euler) then affine, started from ``initial`` or, without one, from the
+    Two stages on the SHRINK_FACTORS / SMOOTHING_SIGMAS levels that fit the image, each optimised by regular-step
+    gradient descent with scales from physical shifts: rigid (Euler) then affine, started from ``initial`` or, without one, from the
     moments initialiser (centres of mass aligned, principal axes kept). ``metric``: "mattes" (Mattes mutual
     information, 32 bins) or "correlation"; sampled at random (SEED) inside ``fixed_mask`` when given.
     """
