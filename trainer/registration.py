@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -76,7 +76,6 @@ class Registration:
     rows: list[dict]
     summary: dict
     config: RunConfig
-    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def transform(self) -> sitk.CompositeTransform:
@@ -117,7 +116,6 @@ class Registration:
             writer.writerows(self.rows)
         atomic_write_text(target(SUMMARY), json.dumps(self.summary, indent=2, allow_nan=False) + "\n")
         atomic_write_text(target(CONFIG), json.dumps(self.config.to_dict(), indent=2) + "\n")
-        self.files = paths
         return paths
 
 
@@ -208,7 +206,18 @@ def _summary(rows: list[dict], labels: dict[str, int], extra: dict) -> dict:
     summary["transformation"] = {key: mean_row.get(key) for key in ("folding_voxels_mask", "folding_percent_mask",
                                                                     "log_jacobian_std")}
     summary.update(extra)
-    return json.loads(json.dumps(summary, default=float).replace("NaN", "null"))
+    return _json_ready(summary)
+
+
+def _json_ready(value):
+    """NaN and infinities -> None (JSON null), numpy numbers -> Python's, recursively."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def register(fixed: ImageInput, moving: ImageInput, *, fixed_mask: ImageInput | None = None,
