@@ -33,6 +33,7 @@ from trainer.pair_inputs import PairInputs
 from trainer.pretrained import resolve_checkpoint
 from trainer.registration import Registration, register as register_pair
 from trainer.registration_config import base_config, default_dims, reference_config, registration_config
+from utils.affine import affine_register
 from tests.image_files import AFFINE, converted, nifti
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +161,8 @@ def test_printed_dice_is_that_of_the_written_segmentation(registered, demo_pair)
 
 
 def test_inverse_warp_composes_to_the_identity(registered, demo_pair):
-    """exp(-v) after exp(v): the residual at the fixed mask's voxel centres is well under a voxel, where the warp
-    itself moves them by more than a voxel."""
+    """exp(-v) after exp(v): the residual at the fixed mask's voxel centres is well under a voxel, and a small
+    fraction of how far the warp itself moves them."""
     def field(name):
         return sitk.DisplacementFieldTransform(sitk.ReadImage(str(registered / name), sitk.sitkVectorFloat64))
 
@@ -172,8 +173,10 @@ def test_inverse_warp_composes_to_the_identity(registered, demo_pair):
     voxel = np.linalg.inv(np.asarray(mask.GetDirection()).reshape(3, 3) * np.asarray(mask.GetSpacing()))
     moved = np.array([np.asarray(warp.TransformPoint(p)) - p for p in points]) @ voxel.T
     residual = np.array([np.asarray(inverse.TransformPoint(warp.TransformPoint(p))) - p for p in points]) @ voxel.T
-    assert np.linalg.norm(moved, axis=1).max() > 1.0
-    assert np.linalg.norm(residual, axis=1).max() < 0.2 and np.linalg.norm(residual, axis=1).mean() < 0.05
+    largest = np.linalg.norm(moved, axis=1).max()
+    assert largest > 0.3  # the affine step took most of the 2-voxel shift; the warp still moves
+    assert np.linalg.norm(residual, axis=1).max() < min(0.2, 0.25 * largest)
+    assert np.linalg.norm(residual, axis=1).mean() < 0.05
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +197,15 @@ def test_affine_step_recovers_a_known_translation(demo_pair, shifted):
     centre = np.asarray(sitk.ReadImage(str(demo_pair["fixed_im"])).TransformContinuousIndexToPhysicalPoint(
         [SIZE / 2] * 3))
     moved = np.asarray(result.affine.TransformPoint(centre)) - centre
-    np.testing.assert_allclose(moved, shifted["shift_lps"], atol=0.5)
+    np.testing.assert_allclose(moved, shifted["shift_lps"], atol=1.0)  # half the largest voxel (2 mm) of 16^3
+
+
+def test_the_affine_step_is_repeatable(demo_pair):
+    """Its random sampling is seeded: the same inputs give the same transform."""
+    fixed, moving = (sitk.ReadImage(str(demo_pair[key]), sitk.sitkFloat32) for key in ("fixed_im", "moving_im"))
+    first, second = (affine_register(fixed, moving) for _ in range(2))
+    # equal up to the order of the threads' sums (another sample of the voxels would move them by ~1e-3)
+    np.testing.assert_allclose(first.GetParameters(), second.GetParameters(), rtol=0, atol=1e-9)
 
 
 def test_initial_transform_from_a_file_is_the_affine_step(demo_pair, shifted, tmp_path):
