@@ -1,34 +1,34 @@
 """Register two images with one command, or apply a saved transform.
 
-    python register.py --fixed F --moving M -o OUT_DIR [--fixed-mask FM] [--fixed-seg FS --moving-seg MS]
-                       [-r CHECKPOINT] [--metric SSD|LCC] [--model SVF|SVFFD] [--dims N [N N]]
-                       [--iterations N] [--samples N] [--device cpu|cuda] [--set KEY.PATH=VALUE ...]
+    python register.py --fixed F --moving M (-o OUT_DIR | --output-prefix PREFIX) [--fixed-mask FM]
+                       [--fixed-seg FS --moving-seg MS] [--affine mattes|correlation|none] [--initial-transform T]
+                       [-r CHECKPOINT] [--metric SSD|LCC] [--model SVF|SVFFD] [--schedule pyramid|faithful]
+                       [--dims N [N N]] [--iterations N] [--samples N] [--device cpu|cuda] [--set KEY.PATH=VALUE ...]
     python register.py apply --transform OUT_DIR/displacement_itk.nii.gz --image I --reference F -o O [--labels]
 
-Images in any format SimpleITK reads (NIfTI, MHA/MHD, NRRD, ...) or MGZ, affinely pre-aligned to the fixed image.
--r takes a learnt metric (q_v registration) or a VoxelMorph network (one forward pass on the network's input shape).
-The outputs are those of one test.py pair, on the fixed image's grid (README, "Register two images").
+Images in any format SimpleITK reads (NIfTI, MHA/MHD, NRRD, ...) or MGZ. An affine step comes first (SimpleITK,
+Mattes mutual information by default), then the non-rigid q_v registration (or a VoxelMorph network with -r). The
+outputs are on the fixed image's grid, with ANTs' names for the transforms (README, "Register two images"). This is
+a command line for trainer.registration.register.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
-import time
+import uuid
 from pathlib import Path
 
-from data_loader.dataset import load_labels
-from data_loader.images import read_image_header
-from trainer.checkpoint import holds_voxelmorph, load_checkpoint, load_voxelmorph
 from trainer.cli import add_common_arguments, run
-from trainer.outputs import ITK_DISPLACEMENT
-from trainer.pretrained import resolve_checkpoint
-from trainer.registration import (METRICS, MODELS, PairFiles, apply_transform, reference_config, register_files,
-                                  registration_config, vxm_registration_config)
+from trainer.registration import (AFFINE, CONFIG, DET_JACOBIAN, DISPLACEMENT_ITK, DISPLACEMENT_STD, INVERSE_WARP,
+                                  METRICS_CSV, SUMMARY, WARP, WARPED_IM, WARPED_SEG, apply_transform, register)
+from trainer.registration_config import DEFAULT_METRIC, DEFAULT_MODEL, METRICS, MODELS, SCHEDULES
+from utils.affine import AFFINE_METRICS
 from utils.config import ConfigError
-from utils.distributed import setup, teardown
 
-DEFAULT_METRIC, DEFAULT_MODEL = "LCC", "SVF"
+OUTPUTS = (WARPED_IM, WARPED_SEG, AFFINE, WARP, INVERSE_WARP, DISPLACEMENT_ITK, DISPLACEMENT_STD, DET_JACOBIAN,
+           METRICS_CSV, SUMMARY, CONFIG)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -36,12 +36,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      "apply a saved transform to another image")
     parser.add_argument("--fixed", required=True, type=Path, help="fixed image (the outputs are on its grid)")
     parser.add_argument("--moving", required=True, type=Path, help="moving image")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (new or empty)")
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument("-o", "--output", type=Path, help="output folder (new or empty)")
+    output.add_argument("--output-prefix", help="prefix of every output file, as antsRegistration's -o: "
+                        "out/pair_ writes out/pair_warped_im.nii.gz, out/pair_0GenericAffine.mat, ...")
     parser.add_argument("--fixed-mask", type=Path, help="mask of the fixed image: the similarity is computed inside")
     parser.add_argument("--fixed-seg", type=Path, help="segmentation of the fixed image (for Dice)")
     parser.add_argument("--moving-seg", type=Path, help="segmentation of the moving image (warped, and for Dice)")
     parser.add_argument("--structures", type=Path, help="JSON structure name -> label id to evaluate (default: "
                         "every label of the segmentations)")
+    parser.add_argument("--affine", choices=(*AFFINE_METRICS, "none"), default="mattes",
+                        help="metric of the affine step before the non-rigid one (SimpleITK, rigid then affine, 3 "
+                        "levels): Mattes mutual information (default) or correlation; none: skip it (the images "
+                        "must then be aligned, or --initial-transform aligns them)")
+    parser.add_argument("--initial-transform", type=Path, help="ITK/ANTs affine transform (.mat, .tfm, .txt), fixed "
+                        "-> moving points: the affine step starts from it (with --affine none, it is the affine "
+                        "step)")
     parser.add_argument("-r", "--checkpoint", help="learnt metric (a checkpoint of train.py or pretrained:NAME; "
                         "default: the baseline) or VoxelMorph network (our checkpoint, the authors' .tar.gz or the .pt "
                         "inside, or pretrained:VXM_*)")
@@ -49,10 +59,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "checkpoint's)")
     parser.add_argument("--model", choices=tuple(MODELS), help=f"transformation model (default {DEFAULT_MODEL}, "
                         "or the checkpoint's)")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="q_v inference: coarse to fine with a convergence "
+                        "stop (pyramid, beyond the paper; the default on the CPU) or the reference's iterations on "
+                        "the working grid (faithful; the default on CUDA and for SVFFD)")
     parser.add_argument("--dims", type=int, nargs="+", metavar="N", help="working grid, 1 or 3 sizes (default: "
                         "the fixed image's largest size, at most 128; a VoxelMorph network's input shape)")
-    parser.add_argument("--iterations", type=int, help="q_v iterations (default: the reference's, 1024 or 1344)")
-    parser.add_argument("--samples", type=int, help="samples of q_v to warp and evaluate (default 5)")
+    parser.add_argument("--iterations", type=int, help="q_v iterations (default: the reference's, 1024 or 1344; "
+                        "with the pyramid, the most per level)")
+    parser.add_argument("--samples", type=int, help="samples of q_v for the uncertainty map (default 5)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.dims is not None and len(args.dims) not in (1, 3):
@@ -63,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def parse_apply_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="register.py apply", description="Resample an image through a saved "
                                      "transform onto the grid of a reference image.")
-    parser.add_argument("--transform", required=True, type=Path, help=f"ITK displacement field ({ITK_DISPLACEMENT} "
+    parser.add_argument("--transform", required=True, type=Path, help=f"ITK displacement field ({DISPLACEMENT_ITK} "
                         "of register.py or test.py, or an ANTs warp)")
     parser.add_argument("--image", required=True, type=Path, help="image or label map to transform")
     parser.add_argument("--reference", required=True, type=Path, help="image whose grid the output takes (the fixed)")
@@ -73,82 +87,80 @@ def parse_apply_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def base_config(args: argparse.Namespace, checkpoint: dict | None) -> dict:
-    """The config the defaults come from: the checkpoint's (the setting its metric was learnt in), else the
-    reference's baseline test config of --metric and --model.
-
-    A checkpoint without a run config (a pretrained metric) gets the reference's config of its metric, learnable.
-    """
-    if checkpoint is None:
-        return reference_config(args.metric or DEFAULT_METRIC, args.model or DEFAULT_MODEL)
-    learnt = checkpoint["similarity"]["type"]
-    if args.metric is not None and args.metric != learnt:
-        raise ConfigError(f"{args.checkpoint}: the checkpoint holds a learnt {learnt} metric, not {args.metric}")
-    if isinstance(checkpoint.get("config"), dict):
-        return checkpoint["config"]
-    config = reference_config(learnt, args.model or DEFAULT_MODEL)
-    metric = checkpoint.get("similarity_config") or {}
-    config["model"]["args"].update(learnable=True, **{key: metric[key] for key in ("s", "no_features")
-                                                      if key in metric})
-    return config
+def output_prefix(args: argparse.Namespace) -> str:
+    """The prefix of the output files: ``OUT_DIR/`` or --output-prefix."""
+    return f"{args.output}{os.sep}" if args.output is not None else args.output_prefix
 
 
-Q_V_ONLY = ("metric", "model", "iterations", "samples")  # options of q_v registration, refused with a network
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before anything runs when an output would overwrite something."""
+    if args.output is not None:
+        if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+            raise ValueError(f"output {args.output} exists and is not an empty folder: choose another or remove it")
+        return
+    prefix = args.output_prefix
+    if not prefix:
+        raise ValueError("--output-prefix is empty: give a prefix such as out/pair_")
+    taken = [prefix + name for name in OUTPUTS if Path(prefix + name).exists()]
+    if taken:
+        raise ValueError(f"--output-prefix {prefix}: {taken[0]} exists; choose another prefix or remove it")
 
 
-def check_vxm_args(args: argparse.Namespace) -> None:
-    """Fail when an option of q_v registration is given with a VoxelMorph network."""
-    given = [f"--{name}" for name in Q_V_ONLY if getattr(args, name) is not None]
-    if given:
-        raise ConfigError(f"{args.checkpoint} is a VoxelMorph network: {', '.join(given)} "
-                          f"{'applies' if len(given) == 1 else 'apply'} to q_v registration only; leave "
-                          f"{'it' if len(given) == 1 else 'them'} out")
+def save_atomically(result, args: argparse.Namespace) -> None:
+    """Write the outputs into a hidden folder, then move them into place: a failed or interrupted run leaves
+    nothing behind."""
+    final = Path(output_prefix(args))
+    parent = args.output.parent if args.output is not None else (final.parent if final.name else final)
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".register-partial-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        result.save(f"{staging}{os.sep}")
+        if args.output is not None:
+            if args.output.exists():
+                args.output.rmdir()
+            staging.rename(args.output)
+        else:
+            for path in sorted(staging.iterdir()):
+                path.rename(args.output_prefix + path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["apply"]:
         args = parse_apply_args(argv[1:])
         path = apply_transform(args.transform, args.image, args.reference, args.output, args.labels)
         print(f"wrote {path}")
-        return path
+        return str(path)
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.local_rank is not None:
         raise ConfigError("register.py registers one pair in one process: start it with python, not torchrun")
-    context = setup(args.device)
-    try:
-        path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
-        checkpoint, network = None, None
-        data_path = args.fixed.resolve().parent
-        if path is not None and holds_voxelmorph(path):
-            check_vxm_args(args)
-            network = load_voxelmorph(path, context.device)[0], args.checkpoint
-            config = vxm_registration_config(network[0].inshape, data_path, args.checkpoint, dims=args.dims,
-                                             overrides=args.set)
-        else:
-            checkpoint = load_checkpoint(path, context.device) if path is not None else None
-            fixed_shape, _ = read_image_header(args.fixed)
-            config = registration_config(base_config(args, checkpoint), fixed_shape, data_path, model=args.model,
-                                         dims=args.dims, iterations=args.iterations, samples=args.samples,
-                                         overrides=args.set)
-        structures = load_labels(args.structures) if args.structures else None
-        files = PairFiles(args.fixed, args.moving, args.fixed_mask, args.fixed_seg, args.moving_seg)
-        start = time.perf_counter()
-        summary = register_files(files, args.output, config, context, checkpoint, structures, network)
-        seconds = time.perf_counter() - start
-    finally:
-        teardown()
-    if network is not None:
-        method = f"VoxelMorph network {args.checkpoint}"
-    else:
-        metric = f"learnt {config.data_loss.type}" if checkpoint else f"baseline {config.data_loss.type}"
-        method = f"{metric}, {config.transformation_module.type}, {config.trainer.no_iters_q_v} q_v iterations"
-    print(f"registered {args.moving} to {args.fixed} in {seconds:.1f} s ({method}, working grid "
-          f"{'x'.join(map(str, config.data_loader.args.dims))}); results in {args.output}")
-    before, after = summary["mean_dice_before"], summary["mean_dice_after"]
-    if before is not None and after is not None:
-        print(f"mean Dice over {len(summary['structures'])} structures: before {before:.3f}, after {after:.3f}")
-    return args.output
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    check_outputs(args)
+    print(f"registering {args.moving} to {args.fixed}", flush=True)
+    result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, fixed_seg=args.fixed_seg,
+                      moving_seg=args.moving_seg, affine=args.affine, initial_transform=args.initial_transform,
+                      checkpoint=args.checkpoint, metric=args.metric, model=args.model, schedule=args.schedule,
+                      dims=args.dims, iterations=args.iterations, samples=args.samples, structures=args.structures,
+                      device=args.device, overrides=args.set, progress=True)
+    save_atomically(result, args)
+    summary = result.summary
+    levels = ", ".join(f"{'x'.join(map(str, level['shape']))}: {level['iterations']}"
+                       for level in summary.get("q_v_levels", []))
+    print(f"registered {args.moving} to {args.fixed} in {summary['seconds']['total']:.1f} s (affine step "
+          f"{summary['seconds']['affine']:.1f} s; {summary['method']}, working grid "
+          f"{'x'.join(map(str, summary['working_grid']))}{f'; q_v iterations {levels}' if levels else ''}); "
+          f"results in {output_prefix(args)}")
+    if summary["mean_dice_before"] is not None:
+        print(f"mean Dice over {len(summary['structures'])} structures on the fixed grid: before "
+              f"{summary['mean_dice_before']:.3f}, after the affine step {summary['mean_dice_affine']:.3f}, after "
+              f"{summary['mean_dice_after']:.3f}")
+    return output_prefix(args)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ def load_labels(path: PathLike) -> dict[str, int]:
     return dict(labels)
 
 
+def working_image(image: np.ndarray, input_shape: Sequence[int], dims: Sequence[int], source: object) -> np.ndarray:
+    """An input-grid image (*input_shape) on the working grid (*dims), min-max rescaled to [0, 1].
+
+    As the reference: pad and resize first, then rescale the working-grid image. ``source`` names the image in the
+    error raised for a constant image.
+    """
+    working = resample_to_working(image, input_shape, dims, "linear")
+    low, high = float(working.min()), float(working.max())
+    if high <= low:
+        raise ValueError(f"{source}: constant image (all voxels {low} on the working grid), cannot min-max rescale")
+    return (working - low) / (high - low)
+
+
 def pair_id(fixed: str, moving: str) -> str:
     """The name of a pair in file names and results: ``<fixed>_<moving>``."""
     return f"{fixed}_{moving}"
@@ -226,13 +239,7 @@ class PairDataset(Dataset):
         im, _ = read_image(files.im, "image")
         file_shape = im.shape
         im = self._to_input_grid(im, files, "linear")
-        # as the reference: pad and resize first, then min-max rescale the working-grid image to [0, 1]
-        working = resample_to_working(im, files.input_shape, self.dims, "linear")
-        low, high = float(working.min()), float(working.max())
-        if high <= low:
-            raise ValueError(f"{files.im}: constant image (all voxels {low} on the working grid), "
-                             f"cannot min-max rescale")
-        loaded = {"im": (working - low) / (high - low)}
+        loaded = {"im": working_image(im, files.input_shape, self.dims, files.im)}
         if files.mask is not None:
             mask, _ = read_image(files.mask, "mask")
             self._check_shape(mask, files.mask, file_shape, files.im)

@@ -1,6 +1,8 @@
 """The objectives of METHOD.md: the q_v loss of one iteration and the contrastive theta/q_f loss."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -25,6 +27,16 @@ class Energy(nn.Module):
         self.transformation, self.similarity = transformation, similarity
         self.w_reg, self.noise_magnitude = w_reg, noise_magnitude
         self.register_buffer("sobolev_kernel", sobolev_kernel, persistent=False)
+
+    def on_grid(self, dims: Sequence[int]) -> "Energy":
+        """The same objective (metric, w_reg, Sobolev kernel, noise) on another grid, e.g. a pyramid level.
+
+        Only a dense SVF has a velocity on every grid; an SVFFD's control points are tied to its grid.
+        """
+        if type(self.transformation) is not SVF:
+            raise ValueError(f"{type(self.transformation).__name__}: only an SVF can move to another grid")
+        return Energy(SVF(dims, self.transformation.no_squarings), self.similarity, self.w_reg, self.sobolev_kernel,
+                      self.noise_magnitude)
 
     def smooth(self, velocity: torch.Tensor) -> torch.Tensor:
         """Sobolev-smoothed velocity whose gradient passes straight through (identity when disabled)."""

@@ -5,9 +5,12 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from utils.grid import ALIGN_CORNERS
 from utils.low_rank_gaussian import entropy_closed_form, entropy_sample_term, sample_antithetic
+from utils.pyramid import resize_velocity
 
 Q_V_KEYS = ("mu", "log_var", "u")
 
@@ -36,6 +39,20 @@ class QV(nn.Module):
     def state(self, i: int) -> dict[str, torch.Tensor]:
         """Detached CPU copy of the parameters of pair i, for saving."""
         return {k: getattr(self, k).detach()[i].cpu().clone() for k in Q_V_KEYS}
+
+    @torch.no_grad()
+    def resized(self, shape: Sequence[int]) -> "QV":
+        """This q_v on the grid ``shape`` (a pyramid's next level), as the start of inference there.
+
+        mu is a velocity in voxel units: resampled trilinearly and scaled, per component, by the voxels of the new
+        grid per old voxel (``utils.pyramid.resize_velocity``). log_var and u are resampled and not scaled: the
+        spread that q_v settles at per voxel, in voxel units, is set by the curvature of the regulariser at a voxel
+        (squared differences of neighbours), which is the same on every grid.
+        """
+        size = tuple(int(n) for n in shape)
+        return QV(resize_velocity(self.mu, size),
+                  *(F.interpolate(x, size=size, mode="trilinear", align_corners=ALIGN_CORNERS)
+                    for x in (self.log_var, self.u)))
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """An antithetic pair of reparameterised samples of v."""

@@ -6,7 +6,9 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,14 @@ from trainer.checkpoint import CheckpointError, load_checkpoint, similarity_from
 from utils.safe_pickle import restricted_torch_load
 
 SHAPE = (8, 8, 8)
+
+
+def authors_layout(image: torch.Tensor) -> torch.Tensor:
+    """Our (1, 1, i, j, k) image as the reference's loader made its tensors from the same file: SimpleITK's array
+    (k, j, i) of the image, then torch.flipud of the flattened tensor (base_dataset.py, biobank_dataset.py)."""
+    array = sitk.GetArrayFromImage(sitk.GetImageFromArray(image[0, 0].numpy().transpose(2, 1, 0)))
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return torch.flipud(tensor.reshape(-1)).reshape(tensor.shape)[None, None]
 
 
 class Marker:
@@ -40,7 +50,7 @@ def authors_state(kind: str, no_features=(4, 8, 8), seed=0) -> dict:
     return state
 
 
-def write_authors_checkpoint(path, kind="LCC", config=None, **changes):
+def write_authors_checkpoint(path, kind="LCC", config=None, model_state=None, q_f_state=None, **changes):
     """A file of the pytorch-template kind: a pickled ConfigParser object, state dicts and both optimizers."""
     module = types.ModuleType("parse_config")
 
@@ -50,10 +60,10 @@ def write_authors_checkpoint(path, kind="LCC", config=None, **changes):
 
     ConfigParser.__module__, ConfigParser.__qualname__ = module.__name__, "ConfigParser"
     module.ConfigParser = ConfigParser
-    model = authors_state(kind)
+    model = authors_state(kind) if model_state is None else model_state
     params = [torch.nn.Parameter(v) for v in model.values()]
-    q_f = collections.OrderedDict(mu=torch.rand(1, 1, *SHAPE), log_var=torch.full((1, 1, *SHAPE), -4.0),
-                                  u=torch.full((1, 1, *SHAPE), 0.05))
+    q_f = q_f_state if q_f_state is not None else collections.OrderedDict(
+        mu=torch.rand(1, 1, *SHAPE), log_var=torch.full((1, 1, *SHAPE), -4.0), u=torch.full((1, 1, *SHAPE), 0.05))
     optimizer_q_phi = torch.optim.Adam(params)
     optimizer_q_f = torch.optim.Adam([torch.nn.Parameter(v) for v in q_f.values()])
     if config is None:
@@ -107,7 +117,43 @@ def test_import_gives_the_reference_metric(tmp_path, kind):
     assert similarity.kind == kind and similarity.learnable
     fixed, warped = torch.rand(2, 1, 1, *SHAPE, generator=torch.Generator().manual_seed(1))
     ours = similarity(fixed, warped, torch.ones_like(fixed))
-    torch.testing.assert_close(ours, reference_data_term(model, kind, fixed, warped).reshape(1), rtol=1e-4, atol=1e-4)
+    theirs = reference_data_term(model, kind, authors_layout(fixed), authors_layout(warped))
+    torch.testing.assert_close(ours, theirs.reshape(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["SSD", "LCC"])
+def test_an_asymmetric_kernel_gives_the_authors_features(tmp_path, kind):
+    """A first-layer kernel with one off-centre tap, in the authors' order, and an LCC window with one heavy corner:
+    the imported metric's f(F) is the authors' f of their tensor, voxel by voxel, put back in our voxel order, and q_f's
+    images follow the same map."""
+    source, model, q_f = write_authors_checkpoint(tmp_path / f"checkpoint_{kind}.pt", kind)
+    with torch.no_grad():
+        model["enc.enc.0.main.weight"].zero_()
+        model["enc.enc.0.main.weight"][:, 0, 0, 1, 2] = 1.0  # the tap at (-1, 0, +1) of the authors' axes
+        if kind == "LCC":
+            model["kernel.weight"].fill_(1.0)
+            model["kernel.weight"][0, 0, 2, 0, 1] = 3.0
+        q_f["u"].copy_(torch.rand(q_f["u"].shape, generator=torch.Generator().manual_seed(4)))
+    write_authors_checkpoint(source, kind, model_state=model, q_f_state=q_f)
+    checkpoint = load_checkpoint(import_authors_metric(source, tmp_path / "imported.pt"))
+    similarity = similarity_from_checkpoint(checkpoint, "imported")
+    fixed, warped = torch.rand(2, 1, 1, *SHAPE, generator=torch.Generator().manual_seed(2))
+
+    def authors_features(x):
+        for i in range(3):
+            x = F.leaky_relu(F.conv3d(F.pad(x, [1] * 6, mode="replicate"), model[f"enc.enc.{i}.main.weight"],
+                                      model[f"enc.enc.{i}.main.bias"]), 0.2)
+        return F.conv1d(x.flatten(2), model["agg.weight"]).view(1, 1, *x.shape[2:])
+
+    with torch.no_grad():
+        ours = similarity.features(fixed)
+        theirs = authors_features(authors_layout(fixed))
+    torch.testing.assert_close(authors_layout(ours), theirs, rtol=1e-5, atol=1e-6)
+    assert (ours - fixed).abs().max() > 0.1  # the kernel is far from the identity: orientation matters
+    torch.testing.assert_close(authors_layout(checkpoint["q_f"]["u"]), q_f["u"])
+    data = similarity(fixed, warped, torch.ones_like(fixed))
+    torch.testing.assert_close(data, reference_data_term(model, kind, authors_layout(fixed),
+                                                         authors_layout(warped)).reshape(1), rtol=1e-4, atol=1e-4)
 
 
 def test_a_malicious_config_is_neutralised(tmp_path):

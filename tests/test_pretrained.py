@@ -115,13 +115,36 @@ def test_bad_downloads_fail_clearly_and_leave_nothing(tmp_path, monkeypatch, pro
     assert listing(cache) == []
 
 
-def test_a_corrupted_cache_file_is_fetched_again(tmp_path):
+def test_a_corrupted_cache_file_is_reported_and_kept(tmp_path):
     source = make_tarball(tmp_path / "model.tar.gz", [("checkpoint.pt", b"weights")])
     manifest = write_manifest(tmp_path, entry("demo", source))
     cache = tmp_path / "cache"
     cached = fetch("demo", manifest, cache, progress=False)
     cached.write_bytes(b"changed")
+    with pytest.raises(PretrainedError, match=rf"^demo: the cached file {cached} is truncated.*left as it is: remove "
+                                              rf"it to download demo again"):
+        fetch("demo", manifest, cache, progress=False)
+    assert cached.read_bytes() == b"changed"
+    cached.unlink()
     assert fetch("demo", manifest, cache, progress=False).read_bytes() == source.read_bytes()
+
+
+def test_offline_a_tarball_copied_into_the_cache_is_used(tmp_path, monkeypatch):
+    """The offline message says where a copied tarball goes; a copy put there is verified and used."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", offline)
+    source = make_tarball(tmp_path / "model.tar.gz", [("checkpoint.pt", b"weights")])
+    manifest = write_manifest(tmp_path, {**entry("demo", source), "url": "https://example.invalid/model.tar.gz"})
+    cache = tmp_path / "cache"
+    with pytest.raises(PretrainedError) as error:
+        fetch("demo", manifest, cache, progress=False)
+    destination = str(error.value).split("copy model.tar.gz to ")[1].split(" (")[0]
+    assert Path(destination) == cache / "model.tar.gz"
+    cache.mkdir(exist_ok=True)
+    Path(destination).write_bytes(source.read_bytes())
+    assert checkpoint_path("demo", manifest, cache, progress=False).read_bytes() == b"weights"
 
 
 @pytest.mark.parametrize("member, message", [

@@ -1,14 +1,17 @@
-"""register.py: two image files in common formats -> test.py's outputs on the fixed grid, and an ITK transform that
-SimpleITK's resampler applies to the same result; bad inputs fail in one line and leave nothing written."""
+"""register.py and trainer.registration.register: two images in common formats -> the moving image through one
+composed transformation (affine step, then the non-rigid one) on the fixed grid, written as ANTs writes its
+transforms, so that SimpleITK (and ANTs) applying the written files reproduce the outputs; the inverse; bad inputs
+fail in one line and leave nothing written."""
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -18,23 +21,25 @@ import SimpleITK as sitk
 import torch
 
 import register
-from data_loader.dataset import PairDataset
 from data_loader.demo import make_demo_dataset
 from data_loader.images import read_image
 from model.similarity import SimilarityMetric
 from model.variational import QF
 from model.voxelmorph import VxmDense
-from trainer import outputs
+from trainer import registration
 from trainer.checkpoint import (VXM_CHECKPOINT_KIND, load_voxelmorph, save_checkpoint, save_run_checkpoint,
                                 vxm_state)
+from trainer.pair_inputs import PairInputs
 from trainer.pretrained import resolve_checkpoint
-from trainer.registration import (PairFiles, PairTester, check_inputs, default_dims, reference_config,
-                                  registration_config)
+from trainer.registration import Registration, register as register_pair
+from trainer.registration_config import base_config, default_dims, reference_config, registration_config
+from utils.affine import affine_register
 from tests.image_files import AFFINE, converted, nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
-FAST = ["--iterations", "4", "--samples", "2", "--set", "trainer.save_figures=false", "--device", "cpu"]
+FAST = ["--iterations", "4", "--samples", "2", "--device", "cpu"]
+MOVES = ["--set", "optimizer_q_v.args.lr=0.5", "--set", "reg_loss.args.w_reg=0.2"]  # enough to move voxels
 
 
 @pytest.fixture(scope="module")
@@ -48,81 +53,220 @@ def demo_pair(tmp_path_factory) -> dict[str, Path]:
             array = np.asanyarray(nib.load(folder / "demo" / subject / f"{kind}.nii.gz").dataobj)
             if role == "moving":  # content 2 voxels further along axis 1, so that registration has to move it
                 array = np.concatenate([np.zeros_like(array[:, :2]), array[:, :-2]], axis=1)
+                if kind == "im":
+                    array = 100.0 + 250.0 * array  # other intensity units than the fixed image's
             nii = nifti(folder / f"{role}_{kind}.nii.gz", array.astype(np.float32 if kind == "im" else np.int16))
             files[f"{role}_{kind}_nii"] = nii
             files[f"{role}_{kind}"] = converted(nii, suffix)
     return files
 
 
+def pair_args(demo_pair, *keys: str) -> list[str]:
+    keys = keys or ("fixed_im", "moving_im")
+    names = {"fixed_im": "--fixed", "moving_im": "--moving", "fixed_mask": "--fixed-mask", "fixed_seg": "--fixed-seg",
+             "moving_seg": "--moving-seg"}
+    return [item for key in keys for item in (names[key], str(demo_pair[key]))]
+
+
+ALL = ("fixed_im", "moving_im", "fixed_mask", "fixed_seg", "moving_seg")
+
+
 @pytest.fixture(scope="module")
 def registered(demo_pair, tmp_path_factory) -> Path:
-    """register.py run once on the .mha / .nrrd pair with both segmentations."""
+    """register.py run once on the .mha / .nrrd pair with both segmentations (affine step and pyramid: defaults)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
-                   "--fixed-mask", str(demo_pair["fixed_mask"]), "--fixed-seg", str(demo_pair["fixed_seg"]),
-                   "--moving-seg", str(demo_pair["moving_seg"]), "--metric", "SSD", *FAST, "--iterations", "12",
-                   "--set", "optimizer_q_v.args.lr=0.5", "--set", "reg_loss.args.w_reg=0.2"])  # moves voxels
+    register.main([*pair_args(demo_pair, *ALL), "-o", str(out), "--metric", "SSD", *FAST, "--iterations", "12",
+                   *MOVES])
     return out
 
 
-def test_round_trip_writes_test_py_outputs_on_the_fixed_grid(registered, demo_pair):
-    for name in (outputs.WARPED_IM, outputs.WARPED_SEG, outputs.DISPLACEMENT, outputs.ITK_DISPLACEMENT,
-                 outputs.DISPLACEMENT_STD, outputs.DET_JACOBIAN, "metrics.csv", "summary.json", "config.json",
-                 f"{outputs.SAMPLES_FOLDER}/{outputs.sample_name('warped_seg', 1)}"):
+def written_transform(folder: Path, prefix: str = "") -> sitk.CompositeTransform:
+    """The transform of the written files, read by SimpleITK alone, in antsApplyTransforms' order (warp, affine):
+    SimpleITK applies the last transform of a composite first."""
+    affine = sitk.ReadTransform(str(folder / f"{prefix}0GenericAffine.mat"))
+    warp = sitk.DisplacementFieldTransform(sitk.ReadImage(str(folder / f"{prefix}1Warp.nii.gz"),
+                                                          sitk.sitkVectorFloat64))
+    return sitk.CompositeTransform([affine, warp])
+
+
+def test_outputs_are_on_the_fixed_grid(registered, demo_pair):
+    for name in register.OUTPUTS:
         assert (registered / name).is_file(), name
-    for name in (outputs.WARPED_IM, outputs.WARPED_SEG, outputs.DISPLACEMENT):
+    for name in (registration.WARPED_IM, registration.WARPED_SEG, registration.DET_JACOBIAN):
         image = nib.load(registered / name)
         assert image.shape[:3] == (SIZE,) * 3
         np.testing.assert_allclose(image.affine, AFFINE, atol=1e-5)
     assert not list(registered.parent.glob(".*partial*"))
+    summary = json.loads((registered / registration.SUMMARY).read_text())
+    assert summary["affine"] == "mattes" and [level["shape"] for level in summary["q_v_levels"]] == [[9] * 3, [16] * 3]
 
 
-def test_itk_transform_reproduces_the_warped_outputs(registered, demo_pair, tmp_path):
-    """SimpleITK's resampler with displacement_itk.nii.gz on the moving .nrrd gives the project's own warped images."""
-    transform = sitk.DisplacementFieldTransform(
-        sitk.ReadImage(str(registered / outputs.ITK_DISPLACEMENT), sitk.sitkVectorFloat64))
+def test_simpleitk_reproduces_the_outputs_from_the_written_transforms(registered, demo_pair, tmp_path):
+    """One interpolation: SimpleITK applying 0GenericAffine.mat and 1Warp.nii.gz to the ORIGINAL moving .nrrd gives
+    warped_im (moving intensity units, to 1e-4) and warped_seg (identical)."""
+    transform = written_transform(registered)
     fixed = sitk.ReadImage(str(demo_pair["fixed_im"]))
-    moving = sitk.ReadImage(str(demo_pair["moving_im"]), sitk.sitkFloat32)
-    low, high = sitk.GetArrayFromImage(moving).min(), sitk.GetArrayFromImage(moving).max()
-    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    ours = nib.load(registered / outputs.WARPED_IM).get_fdata()
-    theirs = (sitk.GetArrayFromImage(warped).transpose(2, 1, 0) - low) / (high - low)  # the loader's rescaling
-    assert np.abs(ours).max() > 0.5
-    np.testing.assert_allclose(theirs[1:-1, 1:-1, 1:-1], ours[1:-1, 1:-1, 1:-1], atol=1e-4)
-
-    seg = sitk.ReadImage(str(demo_pair["moving_seg"]))
-    warped_seg = sitk.Resample(seg, fixed, transform, sitk.sitkNearestNeighbor, 0)
-    ours_seg = np.asanyarray(nib.load(registered / outputs.WARPED_SEG).dataobj)
-    assert np.mean(sitk.GetArrayFromImage(warped_seg).transpose(2, 1, 0) != ours_seg) < 0.005
+    warped = sitk.Resample(sitk.ReadImage(str(demo_pair["moving_im"]), sitk.sitkFloat32), fixed, transform,
+                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    ours = nib.load(registered / registration.WARPED_IM).get_fdata()
+    assert ours.max() > 300.0  # the moving image's units (100 + 250 x), not rescaled
+    np.testing.assert_allclose(sitk.GetArrayFromImage(warped).transpose(2, 1, 0), ours, atol=1e-4)
+    warped_seg = sitk.Resample(sitk.ReadImage(str(demo_pair["moving_seg"])), fixed, transform,
+                               sitk.sitkNearestNeighbor, 0)
+    ours_seg = np.asanyarray(nib.load(registered / registration.WARPED_SEG).dataobj)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(warped_seg).transpose(2, 1, 0), ours_seg)
     assert np.mean(ours_seg != np.asanyarray(nib.load(demo_pair["moving_seg_nii"]).dataobj)) > 0.01  # it moved
-    assert np.abs(nib.load(registered / outputs.DISPLACEMENT).get_fdata()).max() > 2.0  # mm, over a voxel
+    affine = sitk.ReadTransform(str(registered / registration.AFFINE)).Downcast()
+    assert np.abs(np.asarray(affine.GetTranslation())).max() > 0.5  # the affine step did something (mm)
 
-    out = tmp_path / "warped_seg.nrrd"  # the apply command does the same
-    register.main(["apply", "--transform", str(registered / outputs.ITK_DISPLACEMENT), "--image",
+    # the whole transformation as one field, and the apply command on it
+    field = sitk.DisplacementFieldTransform(sitk.ReadImage(str(registered / registration.DISPLACEMENT_ITK),
+                                                           sitk.sitkVectorFloat64))
+    one = sitk.Resample(sitk.ReadImage(str(demo_pair["moving_seg"])), fixed, field, sitk.sitkNearestNeighbor, 0)
+    assert np.mean(sitk.GetArrayFromImage(one).transpose(2, 1, 0) != ours_seg) < 0.002
+    out = tmp_path / "warped_seg.nrrd"
+    register.main(["apply", "--transform", str(registered / registration.DISPLACEMENT_ITK), "--image",
                    str(demo_pair["moving_seg"]), "--reference", str(demo_pair["fixed_im"]), "-o", str(out),
                    "--labels"])
-    applied, affine = read_image(out, "seg")
-    np.testing.assert_array_equal(applied, sitk.GetArrayFromImage(warped_seg).transpose(2, 1, 0))
-    np.testing.assert_allclose(affine, AFFINE, atol=1e-5)
+    applied, affine_out = read_image(out, "seg")
+    np.testing.assert_array_equal(applied, sitk.GetArrayFromImage(one).transpose(2, 1, 0))
+    np.testing.assert_allclose(affine_out, AFFINE, atol=1e-5)
+
+
+def test_ants_reproduces_the_outputs_from_the_written_transforms(registered, demo_pair):
+    ants = pytest.importorskip("ants", reason="ANTsPy is benchmark-only (benchmarks/requirements-ants.txt)")
+    fixed = ants.image_read(str(demo_pair["fixed_im_nii"]))
+    transforms = [str(registered / registration.WARP), str(registered / registration.AFFINE)]
+    warped = ants.apply_transforms(fixed, ants.image_read(str(demo_pair["moving_im_nii"])), transforms)
+    np.testing.assert_allclose(warped.numpy(), nib.load(registered / registration.WARPED_IM).get_fdata(), atol=1e-3)
+    warped_seg = ants.apply_transforms(fixed, ants.image_read(str(demo_pair["moving_seg_nii"])), transforms,
+                                       interpolator="nearestNeighbor")
+    np.testing.assert_array_equal(np.rint(warped_seg.numpy()),
+                                  np.asanyarray(nib.load(registered / registration.WARPED_SEG).dataobj))
+
+
+def test_printed_dice_is_that_of_the_written_segmentation(registered, demo_pair):
+    """metrics.csv's Dice of the posterior mean equals SimpleITK's overlap of the written warped_seg with the fixed
+    segmentation, label by label."""
+    rows = [row for row in __import__("csv").DictReader(open(registered / registration.METRICS_CSV))
+            if row["sample"] == "mean"]
+    measures = sitk.LabelOverlapMeasuresImageFilter()
+    fixed = sitk.ReadImage(str(demo_pair["fixed_seg"]), sitk.sitkInt32)
+    written = sitk.ReadImage(str(registered / registration.WARPED_SEG), sitk.sitkInt32)
+    written.CopyInformation(fixed)
+    measures.Execute(fixed, written)
+    assert len(rows) > 3
+    for row in rows:
+        np.testing.assert_allclose(float(row["dice"]), measures.GetDiceCoefficient(int(row["label"])), atol=1e-9)
+
+
+def test_inverse_warp_composes_to_the_identity(registered, demo_pair):
+    """exp(-v) after exp(v): the residual at the fixed mask's voxel centres is well under a voxel, and a small
+    fraction of how far the warp itself moves them."""
+    def field(name):
+        return sitk.DisplacementFieldTransform(sitk.ReadImage(str(registered / name), sitk.sitkVectorFloat64))
+
+    warp, inverse = field(registration.WARP), field(registration.INVERSE_WARP)
+    mask = sitk.ReadImage(str(demo_pair["fixed_mask"]))
+    points = [mask.TransformIndexToPhysicalPoint([int(i) for i in index[::-1]])
+              for index in np.argwhere(sitk.GetArrayFromImage(mask) > 0)]
+    voxel = np.linalg.inv(np.asarray(mask.GetDirection()).reshape(3, 3) * np.asarray(mask.GetSpacing()))
+    moved = np.array([np.asarray(warp.TransformPoint(p)) - p for p in points]) @ voxel.T
+    residual = np.array([np.asarray(inverse.TransformPoint(warp.TransformPoint(p))) - p for p in points]) @ voxel.T
+    largest = np.linalg.norm(moved, axis=1).max()
+    assert largest > 0.3  # the affine step took most of the 2-voxel shift; the warp still moves
+    assert np.linalg.norm(residual, axis=1).max() < min(0.2, 0.25 * largest)
+    assert np.linalg.norm(residual, axis=1).mean() < 0.05
+
+
+@pytest.fixture(scope="module")
+def shifted(demo_pair, tmp_path_factory) -> dict:
+    """The fixed image itself stored on a grid moved by a known world translation (mm): its content lies at
+    p + shift, so the affine step must find T(p) = p + shift."""
+    folder = tmp_path_factory.mktemp("shift")
+    shift = np.array([6.0, -4.0, 8.0])  # RAS mm
+    moved = AFFINE.copy()
+    moved[:3, 3] += shift
+    array = np.asanyarray(nib.load(demo_pair["fixed_im_nii"]).dataobj)
+    return {"path": nifti(folder / "moving.nii.gz", array, moved), "shift_lps": shift * [-1.0, -1.0, 1.0]}
+
+
+def test_affine_step_recovers_a_known_translation(demo_pair, shifted):
+    result = register_pair(demo_pair["fixed_im_nii"], shifted["path"], fixed_mask=demo_pair["fixed_mask"],
+                           iterations=1, samples=2, device="cpu")
+    centre = np.asarray(sitk.ReadImage(str(demo_pair["fixed_im"])).TransformContinuousIndexToPhysicalPoint(
+        [SIZE / 2] * 3))
+    moved = np.asarray(result.affine.TransformPoint(centre)) - centre
+    np.testing.assert_allclose(moved, shifted["shift_lps"], atol=1.0)  # half the largest voxel (2 mm) of 16^3
+
+
+def test_the_affine_step_is_repeatable(demo_pair):
+    """Its random sampling is seeded: the same inputs give the same transform."""
+    fixed, moving = (sitk.ReadImage(str(demo_pair[key]), sitk.sitkFloat32) for key in ("fixed_im", "moving_im"))
+    first, second = (affine_register(fixed, moving) for _ in range(2))
+    # equal up to the order of the threads' sums (another sample of the voxels would move them by ~1e-3)
+    np.testing.assert_allclose(first.GetParameters(), second.GetParameters(), rtol=0, atol=1e-9)
+
+
+def test_initial_transform_from_a_file_is_the_affine_step(demo_pair, shifted, tmp_path):
+    """--affine none with --initial-transform: the given ITK/ANTs affine is used as it is (and composed)."""
+    translation = sitk.TranslationTransform(3, shifted["shift_lps"].tolist())
+    for name in ("given.mat", "given.tfm"):
+        sitk.WriteTransform(translation, str(tmp_path / name))
+        result = register_pair(demo_pair["fixed_im_nii"], shifted["path"], affine="none",
+                               initial_transform=tmp_path / name, iterations=1, samples=2, device="cpu")
+        np.testing.assert_allclose(result.affine.GetTranslation(), shifted["shift_lps"], atol=1e-9)
+        np.testing.assert_allclose(np.asarray(result.affine.GetMatrix()), np.eye(3).ravel(), atol=1e-12)
+    with pytest.raises(ValueError, match="barely overlap"):  # without either, the 50 % overlap check stands
+        register_pair(demo_pair["fixed_im_nii"], shifted["path"], affine="none", iterations=1, device="cpu")
+
+
+def test_output_prefix_in_the_ants_manner(demo_pair, tmp_path):
+    prefix = str(tmp_path / "results" / "pair_")
+    register.main([*pair_args(demo_pair), "--output-prefix", prefix, *FAST])
+    names = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert names == sorted(f"pair_{name}" for name in register.OUTPUTS if name != registration.WARPED_SEG)
+    with pytest.raises(ValueError, match="pair_warped_im.nii.gz exists"):
+        register.main([*pair_args(demo_pair), "--output-prefix", prefix, *FAST])
+
+
+def _run(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "register.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_a_signal_ends_the_run_with_one_line_and_nothing_written(demo_pair, tmp_path, signum, code, line):
+    process = _run([*pair_args(demo_pair), "-o", str(tmp_path / "out"), "--iterations", "1000000",
+                    "--schedule", "faithful", "--device", "cpu"])
+    assert process.stdout.readline().startswith("registering")  # past start-up: in the registration
+    time.sleep(1.0)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code
+    assert stderr.strip().splitlines() == [line]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_cursor_codes_when_stderr_is_not_a_terminal(demo_pair, tmp_path):
+    process = _run([*pair_args(demo_pair), "-o", str(tmp_path / "out"), *FAST])
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert "\r" not in stderr and "\x1b[" not in stderr and "\r" not in stdout
+    assert "results in" in stdout
 
 
 def test_moving_image_on_another_grid_is_resampled_in_world_space(demo_pair, tmp_path):
-    """A moving image stored one voxel shifted (same world content) loads exactly as the aligned one."""
+    """A moving image stored one voxel shifted (same world content) gives the same working images."""
     shifted_affine = AFFINE.copy()
     shifted_affine[:3, 3] += AFFINE[:3, :3] @ np.array([0.0, 1.0, 0.0])  # the grid starts one voxel later on axis 1
-    for kind in ("im", "seg"):
-        array = np.asanyarray(nib.load(demo_pair[f"moving_{kind}_nii"]).dataobj)
-        nifti(tmp_path / f"{kind}.nii.gz", np.ascontiguousarray(array[:, 1:]), shifted_affine)
-    aligned = check_inputs(PairFiles(demo_pair["fixed_im"], demo_pair["moving_im"],
-                                     moving_seg=demo_pair["moving_seg"]))
-    moved = check_inputs(PairFiles(demo_pair["fixed_im"], tmp_path / "im.nii.gz", moving_seg=tmp_path / "seg.nii.gz"))
-    assert aligned[1].file_grid is None and moved[1].file_grid is not None
-    loads = [PairDataset.from_subjects(subjects, [("fixed", "moving")], [SIZE] * 3).load_subject("moving")
-             for subjects in (aligned, moved)]
-    np.testing.assert_array_equal(loads[1]["seg"][0, :, :-1], loads[0]["seg"][0, :, :-1])
-    # the moving image's min-max rescaling sees one slice less; the content is the same where it exists
-    assert torch.corrcoef(torch.stack([loads[0]["im"][0, :, :-1].flatten(),
-                                       loads[1]["im"][0, :, :-1].flatten()]))[0, 1] > 0.9999
+    array = np.asanyarray(nib.load(demo_pair["moving_im_nii"]).dataobj)
+    moved = nifti(tmp_path / "im.nii.gz", np.ascontiguousarray(array[:, 1:]), shifted_affine)
+    identity = sitk.AffineTransform(3)
+    aligned = PairInputs.load(demo_pair["fixed_im"], demo_pair["moving_im"]).resampled_moving(identity)
+    resampled = PairInputs.load(demo_pair["fixed_im"], moved).resampled_moving(identity)
+    np.testing.assert_allclose(resampled[:, 1:], aligned[:, 1:], atol=1e-4)
 
 
 def test_default_dims_and_config():
@@ -131,13 +275,13 @@ def test_default_dims_and_config():
     config = registration_config(reference_config("LCC", "SVF"), (256, 256, 170), ROOT)
     assert config.data_loader.args.dims == [128, 128, 128] and config.transformation_module.type == "SVF_3D"
     assert (config.reg_loss.args.w_reg, config.optimizer_q_v.args.lr, config.trainer.no_iters_q_v) == (2.8, 0.02, 1344)
-    # --model takes that model's reference setting (SVFFD LCC: w_reg 2.0, lr 0.01, 1024 iterations), e.g. from the
-    # config of a checkpoint trained with SVF
+    assert config.trainer.q_v_pyramid is None  # the faithful schedule unless asked
     config = registration_config(reference_config("LCC", "SVF"), (256, 256, 170), ROOT, model="SVFFD", samples=3)
     assert config.transformation_module.type == "SVFFD_3D" and config.transformation_module.args.cps == [2, 2, 2]
     assert (config.reg_loss.args.w_reg, config.optimizer_q_v.args.lr, config.trainer.no_iters_q_v) == (2.0, 0.01, 1024)
     assert (config.data_loss.type, config.trainer.no_samples_test, config.model.args.learnable) == ("LCC", 3, False)
-    assert registration_config(reference_config("LCC", "SVF"), (9,) * 3, ROOT, iterations=7).trainer.no_iters_q_v == 7
+    pyramid = registration_config(reference_config("LCC", "SVF"), (9,) * 3, ROOT, iterations=7, schedule="pyramid")
+    assert pyramid.trainer.no_iters_q_v == 7 and pyramid.trainer.q_v_pyramid.levels == [4, 2, 1]
     assert registration_config(reference_config("SSD", "SVF"), (30, 30, 30), ROOT, dims=[24]).data_loader.args.dims \
         == [24, 24, 24]
 
@@ -148,7 +292,7 @@ def _bad(tmp_path: Path, demo_pair, **files) -> str:
     argv = [item for key, value in arguments.items() for item in (f"--{key.replace('_', '-')}", str(value))]
     out = tmp_path / "out"
     with pytest.raises((ValueError, FileNotFoundError)) as error:
-        register.main([*argv, "-o", str(out), *FAST])
+        register.main([*argv, "-o", str(out), "--affine", "none", *FAST])
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "inputs"]
     message = str(error.value)
     assert "\n" not in message
@@ -185,25 +329,30 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, inputs, demo_pair):
     moved_seg = nifti(inputs / "seg.nii.gz", np.asanyarray(nib.load(demo_pair["moving_seg_nii"]).dataobj), far)
     assert "does not match its image" in _bad(tmp_path, demo_pair, moving_seg=moved_seg)
 
+    bad_transform = inputs / "bad.tfm"
+    bad_transform.write_text("not a transform")
+    assert "cannot read transform file" in _bad(tmp_path, demo_pair, initial_transform=bad_transform)
 
-def test_failure_during_registration_leaves_nothing(tmp_path, demo_pair, monkeypatch):
-    def broken(self):
-        (self.folder / "half-written.nii.gz").write_bytes(b"")
-        raise ValueError("stopped on purpose")
 
-    monkeypatch.setattr(PairTester, "test", broken)
-    with pytest.raises(ValueError, match="stopped on purpose"):
-        register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
-                       "-o", str(tmp_path / "out"), *FAST])
-    assert list(tmp_path.iterdir()) == []
+def test_failure_while_writing_leaves_nothing(tmp_path, demo_pair, monkeypatch):
+    original = Registration.save
+
+    def broken(self, prefix):
+        original(self, prefix)
+        raise OSError(28, "No space left on device", "somewhere")
+
+    monkeypatch.setattr(Registration, "save", broken)
+    for output in (["-o", str(tmp_path / "out")], ["--output-prefix", str(tmp_path / "p_")]):
+        with pytest.raises(OSError):
+            register.main([*pair_args(demo_pair), *output, *FAST])
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_output_folder_must_be_new_or_empty(tmp_path, demo_pair):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="not an empty folder"):
-        register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
-                       "-o", str(tmp_path / "out"), *FAST])
+        register.main([*pair_args(demo_pair), "-o", str(tmp_path / "out"), *FAST])
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
@@ -221,19 +370,19 @@ def learnt_ssd_checkpoint(path: Path) -> Path:
 
 def test_learnt_metric_checkpoint_registers_in_its_training_setting(tmp_path, demo_pair):
     checkpoint = learnt_ssd_checkpoint(tmp_path / "ssd.pt")
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
-                   "-o", str(tmp_path / "out"), "-r", str(checkpoint), *FAST, "--iterations", "2"])
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    register.main([*pair_args(demo_pair), "-o", str(tmp_path / "out"), "-r", str(checkpoint), *FAST,
+                   "--iterations", "2"])
+    config = json.loads((tmp_path / "out" / registration.CONFIG).read_text())
     assert config["model"]["args"]["learnable"] and config["data_loss"]["type"] == "SSD"
     assert config["reg_loss"]["args"]["w_reg"] == 0.7 and config["trainer"]["no_iters_q_v"] == 2
-    assert (tmp_path / "out" / outputs.ITK_DISPLACEMENT).is_file()
+    assert (tmp_path / "out" / registration.WARP).is_file()
 
 
 def test_checkpoint_of_another_metric_is_refused(tmp_path, demo_pair):
     checkpoint = learnt_ssd_checkpoint(tmp_path / "ssd.pt")
     with pytest.raises(ValueError, match="learnt SSD metric, not LCC"):
-        register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
-                       "-o", str(tmp_path / "out"), "-r", str(checkpoint), "--metric", "LCC", *FAST])
+        register.main([*pair_args(demo_pair), "-o", str(tmp_path / "out"), "-r", str(checkpoint), "--metric", "LCC",
+                       *FAST])
     assert not (tmp_path / "out").exists()
 
 
@@ -261,10 +410,9 @@ def test_importing_the_math_loads_neither_matplotlib_nor_tensorboard():
 
 
 def test_pretrained_metric_without_run_config_gets_the_reference_setting():
-    args = argparse.Namespace(metric=None, model="SVFFD", checkpoint="pretrained:LCC_learnt")
     checkpoint = {"similarity": {"type": "LCC", "learnable": True}, "config": None,
                   "similarity_config": {"kind": "LCC", "learnable": True, "s": 2, "no_features": [4, 8]}}
-    config = register.base_config(args, checkpoint)
+    config = base_config(checkpoint, None, "SVFFD", "pretrained:LCC_learnt")
     assert config["transformation_module"]["type"] == "SVFFD_3D" and config["reg_loss"]["args"]["w_reg"] == 2.0
     assert config["model"]["args"] == {**config["model"]["args"], "learnable": True, "s": 2, "no_features": [4, 8]}
 
@@ -283,11 +431,29 @@ def test_apply_refuses_what_is_not_a_displacement_field(tmp_path, demo_pair):
 
 def test_pretrained_metric_by_name(tmp_path, demo_pair):
     """pretrained:demo_LCC (shipped in the repository) registers with its learnt LCC metric."""
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]),
-                   "-o", str(tmp_path / "out"), "-r", "pretrained:demo_LCC", *FAST, "--iterations", "2"])
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    register.main([*pair_args(demo_pair), "-o", str(tmp_path / "out"), "-r", "pretrained:demo_LCC", *FAST,
+                   "--iterations", "2"])
+    config = json.loads((tmp_path / "out" / registration.CONFIG).read_text())
     assert config["data_loss"]["type"] == "LCC" and config["model"]["args"]["learnable"]
-    assert "metric of the checkpoint" in (tmp_path / "out" / "register.log").read_text()
+    assert json.loads((tmp_path / "out" / registration.SUMMARY).read_text())["method"].startswith("learnt LCC")
+
+
+def test_the_api_takes_arrays_and_simpleitk_images(demo_pair):
+    """register() on (array, affine) and SimpleITK inputs gives what it gives on the files."""
+    arrays = {key: (np.asanyarray(nib.load(demo_pair[f"{key}_nii"]).dataobj), AFFINE)
+              for key in ("fixed_im", "moving_im", "fixed_seg", "moving_seg")}
+    images = {key: sitk.ReadImage(str(demo_pair[key])) for key in ("fixed_im", "moving_im")}
+    options = {"iterations": 2, "samples": 2, "device": "cpu", "affine": "none"}
+    from_arrays = register_pair(arrays["fixed_im"], arrays["moving_im"], fixed_seg=arrays["fixed_seg"],
+                                moving_seg=arrays["moving_seg"], **options)
+    from_images = register_pair(images["fixed_im"], images["moving_im"], **options)
+    from_files = register_pair(demo_pair["fixed_im"], demo_pair["moving_im"], **options)
+    for result in (from_arrays, from_images):
+        np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped), sitk.GetArrayFromImage(from_files.warped),
+                                   atol=1e-4)
+    assert from_arrays.summary["mean_dice_after"] is not None and from_files.warped_seg is None
+    assert isinstance(from_files.transform, sitk.CompositeTransform)
+    assert from_files.displacement_std is not None and from_files.displacement_std.GetSize() == (SIZE,) * 3
 
 
 def vxm_network(path: Path, size: int = SIZE) -> Path:
@@ -306,48 +472,43 @@ def vxm_network(path: Path, size: int = SIZE) -> Path:
 def test_voxelmorph_network_registers_the_pair(tmp_path, demo_pair, capsys):
     network = vxm_network(tmp_path / "checkpoint_VXM.pt")
     out = tmp_path / "out"
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
-                   "--fixed-seg", str(demo_pair["fixed_seg"]), "--moving-seg", str(demo_pair["moving_seg"]),
-                   "-r", str(network), "--device", "cpu", "--set", "trainer.save_figures=false"])
-    for name in (outputs.WARPED_IM, outputs.WARPED_SEG, outputs.DISPLACEMENT, outputs.ITK_DISPLACEMENT,
-                 outputs.DET_JACOBIAN, "metrics.csv", "summary.json", "config.json", "register.log"):
-        assert (out / name).is_file(), name
-    assert not (out / outputs.DISPLACEMENT_STD).exists() and not (out / outputs.SAMPLES_FOLDER).exists()
-    config = json.loads((out / "config.json").read_text())
+    register.main([*pair_args(demo_pair, "fixed_im", "moving_im", "fixed_seg", "moving_seg"), "-o", str(out),
+                   "--affine", "none", "-r", str(network), "--device", "cpu"])
+    for name in register.OUTPUTS:
+        assert (out / name).is_file() == (name != registration.DISPLACEMENT_STD), name  # a network has no posterior
+    config = json.loads((out / registration.CONFIG).read_text())
     assert config["model"]["type"] == "VxmDense" and config["data_loader"]["args"]["dims"] == [SIZE] * 3
-    displacement = nib.load(out / outputs.DISPLACEMENT).get_fdata()  # mm along RAS; AFFINE's axis 1 is 2 mm
-    assert np.abs(displacement).max() > 2.0
-    summary = json.loads((out / "summary.json").read_text())
+    warp = sitk.GetArrayFromImage(sitk.ReadImage(str(out / registration.WARP)))  # LPS mm; AFFINE's axis 1 is 2 mm
+    assert np.abs(warp).max() > 2.0
+    summary = json.loads((out / registration.SUMMARY).read_text())
     assert summary["mean_dice_after"] > summary["mean_dice_before"] + 0.05  # the network undoes the shift
     printed = capsys.readouterr().out
     assert f"VoxelMorph network {network}" in printed
-    assert f"before {summary['mean_dice_before']:.3f}, after {summary['mean_dice_after']:.3f}" in printed
-    assert "VoxelMorph network from" in (out / "register.log").read_text()
+    assert f"after {summary['mean_dice_after']:.3f}" in printed
 
     model, _ = load_voxelmorph(network)  # the same network as our training checkpoint: the same displacement
     ours = tmp_path / "checkpoint_epoch1.pt"
     save_run_checkpoint(ours, VXM_CHECKPOINT_KIND, epoch=1, step=1, config={},
                         state=vxm_state(model, torch.optim.Adam(model.parameters())))
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o",
-                   str(tmp_path / "ours"), "-r", str(ours), "--device", "cpu", "--set", "trainer.save_figures=false"])
-    np.testing.assert_array_equal(nib.load(tmp_path / "ours" / outputs.DISPLACEMENT).get_fdata(), displacement)
+    register.main([*pair_args(demo_pair), "-o", str(tmp_path / "ours"), "--affine", "none", "-r", str(ours),
+                   "--device", "cpu"])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ours" / registration.WARP))),
+                                  warp)
 
 
 def test_voxelmorph_network_refuses_other_dims_and_q_v_options(tmp_path, demo_pair):
     network = vxm_network(tmp_path / "net.pt")
     out = tmp_path / "out"
-    base = ["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
-            "-r", str(network), "--device", "cpu"]
+    base = [*pair_args(demo_pair), "-o", str(out), "-r", str(network), "--device", "cpu", "--affine", "none"]
     with pytest.raises(ValueError, match=r"takes inputs of shape \[16, 16, 16\], not --dims \[24, 24, 24\]"):
         register.main([*base, "--dims", "24"])
-    with pytest.raises(ValueError, match="--iterations, --samples apply to q_v registration only"):
+    with pytest.raises(ValueError, match="iterations, samples apply to q_v registration only"):
         register.main([*base, "--iterations", "4", "--samples", "2"])
     with pytest.raises(ValueError, match=r"takes inputs of shape \[16, 16, 16\].*dims \[24, 24, 24\]"):
         register.main([*base, "--set", "data_loader.args.dims=[24, 24, 24]"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
-    register.main([*base, "--dims", "16", "--set", "trainer.save_outputs=false", "--set",
-                   "trainer.save_figures=false"])  # the network's own shape is accepted
-    assert (out / "summary.json").is_file()
+    register.main([*base, "--dims", "16"])  # the network's own shape is accepted
+    assert (out / registration.SUMMARY).is_file()
 
 
 @pytest.mark.skipif(not (ROOT.parent / "shared" / "pretrained" / "authors" / "VXM_SSD_learnt.tar.gz").is_file(),
@@ -355,11 +516,11 @@ def test_voxelmorph_network_refuses_other_dims_and_q_v_options(tmp_path, demo_pa
 def test_authors_voxelmorph_tarball_registers_at_its_input_shape(tmp_path, demo_pair):
     """The authors' network takes 128^3: the 16^3 pair is resampled to it, the outputs are on the fixed grid."""
     out = tmp_path / "out"
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
+    register.main([*pair_args(demo_pair), "-o", str(out), "--affine", "none",
                    "-r", str(ROOT.parent / "shared" / "pretrained" / "authors" / "VXM_SSD_learnt.tar.gz"),
-                   "--device", "cpu", "--set", "trainer.save_figures=false"])
-    assert json.loads((out / "config.json").read_text())["data_loader"]["args"]["dims"] == [128] * 3
-    field = sitk.ReadImage(str(out / outputs.ITK_DISPLACEMENT))
+                   "--device", "cpu"])
+    assert json.loads((out / registration.CONFIG).read_text())["data_loader"]["args"]["dims"] == [128] * 3
+    field = sitk.ReadImage(str(out / registration.WARP))
     assert field.GetSize() == (SIZE,) * 3 and field.GetNumberOfComponentsPerPixel() == 3
 
 
@@ -374,10 +535,10 @@ def test_pretrained_voxelmorph_by_name(tmp_path, demo_pair, monkeypatch):
     manifest.write_text(json.dumps({"format_version": 1, "models": [
         {"name": "VXM_tiny", "kind": "voxelmorph", "description": "test", "url": tarball.as_uri(), "size": len(data),
          "checksum": "sha256:" + hashlib.sha256(data).hexdigest(), "config": None}]}))
-    monkeypatch.setattr(register, "resolve_checkpoint",
+    monkeypatch.setattr(registration, "resolve_checkpoint",
                         functools.partial(resolve_checkpoint, manifest=manifest, cache=tmp_path / "cache"))
     out = tmp_path / "out"
-    register.main(["--fixed", str(demo_pair["fixed_im"]), "--moving", str(demo_pair["moving_im"]), "-o", str(out),
-                   "-r", "pretrained:VXM_tiny", "--device", "cpu", "--set", "trainer.save_figures=false"])
-    assert json.loads((out / "config.json").read_text())["model"]["type"] == "VxmDense"
-    assert (out / outputs.ITK_DISPLACEMENT).is_file()
+    register.main([*pair_args(demo_pair), "-o", str(out), "--affine", "none", "-r", "pretrained:VXM_tiny",
+                   "--device", "cpu"])
+    assert json.loads((out / registration.CONFIG).read_text())["model"]["type"] == "VxmDense"
+    assert (out / registration.DISPLACEMENT_ITK).is_file()

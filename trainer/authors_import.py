@@ -7,6 +7,9 @@ utils.safe_pickle (nothing they name is run) and converted:
 - ``model``: ``enc.enc.{i}.main.{weight,bias}`` -> ``features.convs.{i}.{weight,bias}``, ``agg.weight`` ->
   ``features.aggregation.weight``, and for LCC ``kernel.weight`` -> ``window`` (the learnt LCC window);
 - ``q_f``: ``log_var`` and ``u`` (``mu`` is the atlas image, which this project does not store);
+- every spatial tensor (the conv kernels, the LCC window, q_f's images) reoriented from the reference's voxel order to
+  ours (``from_authors_layout``): its loader read images as SimpleITK arrays, indexed (k, j, i), and then reversed
+  every axis (``torch.flipud`` of the flattened array), where this project indexes the file's voxels (i, j, k);
 - the optimizer states are left out (the file is a pretrained model, not a run to resume);
 - ``config``: the reference's JSON config, read from the stub, kept as ``authors_config`` for the record.
 
@@ -25,6 +28,16 @@ from model.similarity import SimilarityMetric
 from trainer.checkpoint import CHECKPOINT_KIND, CheckpointError, pretrained_checkpoint
 from utils.io import atomic_torch_save
 from utils.safe_pickle import InertObject, find_inert, restricted_torch_load
+
+def from_authors_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor (..., a, b, c) in the reference's voxel order -> (..., i, j, k), this project's.
+
+    The reference's tensor at (a, b, c) holds the file's voxel (I-1-c, J-1-b, K-1-a): its axes are ours in reverse
+    order (SimpleITK's array order), each one reversed (its loader's flip). A convolution kernel maps the same way, so
+    that a metric imported with its kernels reoriented computes on our tensors what the reference computed on its own.
+    """
+    return tensor.permute(*range(tensor.dim() - 3), -1, -2, -3).flip(-1, -2, -3).contiguous()
+
 
 ENCODER_KEY = re.compile(r"enc\.enc\.(\d+)\.main\.(weight|bias)")
 NEGATIVE_SLOPE = 0.2  # METHOD.md: LeakyReLU(0.2) in the reference's encoder, when its config does not say
@@ -76,11 +89,11 @@ def convert_authors_metric(raw: object, source: str) -> dict:
         match = ENCODER_KEY.fullmatch(key)
         if match:
             convs.setdefault(int(match[1]), {})[match[2]] = value
-            state[f"features.convs.{match[1]}.{match[2]}"] = value
+            state[f"features.convs.{match[1]}.{match[2]}"] = from_authors_layout(value) if value.dim() == 5 else value
         elif key == "agg.weight":
             state["features.aggregation.weight"] = value
         elif key == "kernel.weight":
-            state["window"] = value
+            state["window"] = from_authors_layout(value)
         else:
             raise CheckpointError(f"{source}: unexpected key {key!r} in the model state dict")
     if sorted(convs) != list(range(len(convs))) or "features.aggregation.weight" not in state or \
@@ -101,7 +114,7 @@ def convert_authors_metric(raw: object, source: str) -> dict:
         raise CheckpointError(f"{source}: q_f needs 'log_var' and 'u' of one shape, got {sorted(q_f)}")
     shape = q_f["u"].shape[-3:]
     return pretrained_checkpoint(
-        similarity, {k: q_f[k].reshape(1, 1, *shape).float().contiguous() for k in ("log_var", "u")},
+        similarity, {k: from_authors_layout(q_f[k].reshape(1, 1, *shape).float()) for k in ("log_var", "u")},
         epoch=raw["epoch"] if isinstance(raw.get("epoch"), int) else 0,
         step=raw["step"] if isinstance(raw.get("step"), int) else 0,
         extra={"authors_config": authors_config, "imported_from": Path(source).name})

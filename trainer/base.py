@@ -91,7 +91,7 @@ class BaseTrainer:
         for epoch in range(self.start_epoch, self.config.trainer.no_epochs + 1):
             self.loader.sampler.set_epoch(epoch)
             bar = tqdm(self.loader, desc=f"epoch {epoch}/{self.config.trainer.no_epochs}",
-                       disable=not self.context.is_main)
+                       disable=None if self.context.is_main else True)  # None: only when stderr is a terminal
             for index, batch in enumerate(bar):
                 self.seed_batch(epoch, index)
                 values = self.train_batch(batch, epoch, index)

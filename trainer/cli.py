@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -37,12 +38,30 @@ def error_message(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that cleanup (``finally``) runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run an entry point; bad input ends it with a one-line message (exit status 1) instead of a traceback."""
+    """Run an entry point; bad input ends it with a one-line message (exit status 1) instead of a traceback, and
+    Ctrl-C or SIGTERM with one line (exit status 130 or 143) after the entry point has cleaned up."""
     argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
     except USER_ERRORS as error:
         if "--debug" in argv:
             traceback.print_exc()
         sys.exit(f"error: {error_message(error)}")
+    except KeyboardInterrupt as error:
+        if "--debug" in argv:
+            traceback.print_exc()
+        terminated = isinstance(error, Terminated)
+        sys.stderr.write(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}\n")
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,6 +1,9 @@
 """q_v inference for a batch of pairs: no_iters_q_v Adam steps on the q_v loss, theta fixed.
 
-``infer_q_v`` is the one sequence that training, testing and the benchmarks run for a batch.
+``infer_q_v`` is the one sequence that training, testing and the benchmarks run for a batch. With
+``trainer.q_v_pyramid`` (an option beyond the paper, for registration only) it runs coarse to fine instead: q_v is
+inferred on each level of an image pyramid, started from the previous level's posterior, and each level stops
+early once the q_v loss stops improving (``LossPlateau``).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from tqdm import tqdm
 
 from model.energy import Energy
 from model.variational import QV
-from utils.config import QVTestConfig
+from utils.config import QVPyramid, QVTestConfig
+from utils.pyramid import downsample_image, downsample_mask, level_shapes
 
 
 @contextmanager
@@ -59,14 +63,16 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
             no_iters: int, lr: float, progress: bool = False, log_period: int = 0,
             log=None, flush_denormal: bool = True, cuda_graph: bool = False,
-            compile_loss: bool = False) -> dict[str, torch.Tensor]:
+            compile_loss: bool = False, converged: Callable[[int, dict[str, torch.Tensor]], bool] | None = None
+            ) -> dict[str, torch.Tensor]:
     """Optimise q_v in place; returns the per-pair terms of the last iteration.
 
     As in the reference, Adam is created anew for every batch. ``log(iteration, terms)`` is called every
     ``log_period`` iterations (never when 0), so logging stays off the hot loop; nothing else in the loop waits
     for the GPU. ``flush_denormal``: see ``denormals_flushed`` (CPU tensors only). ``cuda_graph`` (CUDA only)
     replays one captured iteration (see ``_graphed_iteration``); ``compile_loss`` runs the q_v loss through
-    ``torch.compile`` (meant for CUDA: on the CPU the native sampler is opaque to it).
+    ``torch.compile`` (meant for CUDA: on the CPU the native sampler is opaque to it). ``converged(iteration,
+    terms)``, when given, is asked after every iteration whether to stop before ``no_iters``.
     """
     use_graph = cuda_graph and moving.device.type == "cuda"
     # fused: one pass over each parameter instead of a dozen element-wise ones (5x faster on CPU, same update to
@@ -87,10 +93,13 @@ def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, 
     step = _graphed_iteration(iteration_step) if use_graph else iteration_step
     terms: dict[str, torch.Tensor] = {}
     with frozen(energy.similarity), denormals_flushed(flush_denormal and moving.device.type == "cpu"):
-        for iteration in tqdm(range(1, no_iters + 1), desc="q_v", leave=False, disable=not progress):
+        # disable=None: a progress bar only when stderr is a terminal (no cursor codes in redirected logs)
+        for iteration in tqdm(range(1, no_iters + 1), desc="q_v", leave=False, disable=None if progress else True):
             terms = step()
             if log is not None and log_period and iteration % log_period == 0:
                 log(iteration, terms)
+            if converged is not None and converged(iteration, terms):
+                break
     return {k: t.clone() for k, t in terms.items()} if use_graph else terms
 
 
@@ -101,12 +110,16 @@ def infer_q_v(energy: Energy, fixed: torch.Tensor, moving: torch.Tensor, mask: t
     initial q_v of the config), then ``trainer.no_iters_q_v`` (or ``no_iters``) iterations at ``optimizer_q_v``'s lr.
 
     Images (B, 1, *dims) on the device of the run. Returns q_v and the per-pair terms of the last iteration; the
-    caller saves q_v's states or samples from it. ``fit_options``: see ``fit_q_v``.
+    caller saves q_v's states or samples from it. ``fit_options``: see ``fit_q_v``. With ``trainer.q_v_pyramid``
+    and no saved state, ``infer_q_v_pyramid`` runs instead.
     """
     args = config.data_loader.args
     shape = energy.transformation.velocity_shape
     batch = moving.shape[0]
-    if states is None or all(state is None for state in states):
+    fresh = states is None or all(state is None for state in states)
+    if fresh and config.trainer.q_v_pyramid is not None:
+        return infer_q_v_pyramid(energy, fixed, moving, mask, config, progress=progress, **fit_options)[:2]
+    if fresh:
         q_v = QV.initial(batch, shape, args.sigma_v_init, args.u_v_init, moving.device)
     else:
         initial = QV.initial(1, shape, args.sigma_v_init, args.u_v_init).state(0)
@@ -117,6 +130,66 @@ def infer_q_v(energy: Energy, fixed: torch.Tensor, moving: torch.Tensor, mask: t
     terms = fit_q_v(energy, q_v, fixed, moving, mask, no_iters, config.optimizer_q_v.args.lr, progress=progress,
                     **fit_options)
     return q_v, terms
+
+
+class LossPlateau:
+    """A convergence test for ``fit_q_v``: true once the q_v loss (summed over the batch), averaged over windows of
+    ``window`` iterations, falls by less than ``tolerance`` times its magnitude from one window to the next.
+
+    The loss is summed on its device and read once per window, so the test does not stall a GPU. ``iterations``
+    is the number of iterations seen.
+    """
+
+    def __init__(self, window: int, tolerance: float):
+        self.window, self.tolerance = int(window), float(tolerance)
+        self.total: torch.Tensor | None = None
+        self.previous: float | None = None
+        self.iterations = 0
+
+    def __call__(self, iteration: int, terms: dict[str, torch.Tensor]) -> bool:
+        self.iterations = iteration
+        loss = terms["loss"].sum()
+        self.total = loss if self.total is None else self.total + loss
+        if iteration % self.window:
+            return False
+        mean, self.total = self.total.item() / self.window, None
+        previous, self.previous = self.previous, mean
+        return previous is not None and previous - mean < self.tolerance * abs(previous)
+
+
+def infer_q_v_pyramid(energy: Energy, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
+                      config: QVTestConfig, progress: bool = False, **fit_options
+                      ) -> tuple[QV, dict[str, torch.Tensor], list[dict]]:
+    """Coarse-to-fine q_v inference from the initial q_v (``trainer.q_v_pyramid``; SVF only).
+
+    Level by level (the factors of ``levels``, coarse to fine, on grids of ``utils.pyramid.level_shapes``): the
+    images are blurred and downsampled to the level's grid, q_v starts from the initial q_v on the coarsest level
+    and from the previous level's q_v resized (``QV.resized``: velocities scale with the grid) on the others, and
+    Adam runs at ``optimizer_q_v``'s lr until ``LossPlateau(window, tolerance)`` says the loss has stopped falling,
+    or for at most the level's ``no_iters`` (default ``trainer.no_iters_q_v``). Returns q_v on the working grid, the
+    terms of its last iteration, and per level {shape, iterations}.
+    """
+    pyramid: QVPyramid = config.trainer.q_v_pyramid
+    args = config.data_loader.args
+    dims = tuple(fixed.shape[2:])
+    limits = pyramid.no_iters or [config.trainer.no_iters_q_v] * len(pyramid.levels)
+    shapes = level_shapes(dims, pyramid.levels)
+    limits = limits[len(limits) - len(shapes):]  # the limits of the levels kept (the finest ones)
+    fit_options = {"cuda_graph": config.trainer.q_v_cuda_graph, "compile_loss": config.trainer.q_v_compile,
+                   **fit_options}
+    q_v, terms, levels = None, {}, []
+    for shape, limit in zip(shapes, limits):
+        level_energy = energy if shape == dims else energy.on_grid(shape)
+        if q_v is None:
+            q_v = QV.initial(moving.shape[0], shape, args.sigma_v_init, args.u_v_init, moving.device)
+        else:
+            q_v = q_v.resized(shape)
+        plateau = LossPlateau(pyramid.window, pyramid.tolerance)
+        terms = fit_q_v(level_energy, q_v, downsample_image(fixed, shape), downsample_image(moving, shape),
+                        downsample_mask(mask, shape), limit, config.optimizer_q_v.args.lr, progress=progress,
+                        converged=plateau, **fit_options)
+        levels.append({"shape": list(shape), "iterations": plateau.iterations})
+    return q_v, terms, levels
 
 
 def _graphed_iteration(step: Callable[[], dict[str, torch.Tensor]],

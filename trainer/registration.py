@@ -1,235 +1,367 @@
-"""Register two image files (register.py): test.py's testers on a one-pair dataset, and saved transforms applied.
+"""Register two images: ``register(fixed, moving, ...)``, the Python API that register.py is a command line for.
 
-The registration is q_v inference (baseline or learnt metric, ``Tester``) or one forward pass of a VoxelMorph
-network (``VxmTester``).
-
-The inputs are checked before anything is written: readable 3D images, a mask and segmentations on the grid of
-their image, and fixed and moving images that overlap in world space (they must be affinely pre-aligned). The
-moving image is resampled onto the fixed image's grid in world space when their grids differ. The outputs are
-those of one test.py pair, written into a hidden folder beside the output folder and renamed to it at the end,
-so that a failed run leaves nothing behind.
+One registration: an affine step (SimpleITK's registration framework, or a given ITK/ANTs affine), then q_v
+inference (baseline or learnt metric; coarse to fine by default on the CPU) or one VoxelMorph forward pass on the
+working grid, between the fixed image and the moving image resampled through the affine transform. The result is
+one transformation, fixed -> moving points, T(p) = A(p + w(p)) with A the affine and w the non-rigid displacement
+(the posterior mean's), both on the fixed image's full grid: written as ANTs writes its results (an affine .mat and
+a displacement field), and applied once, to the original moving image and segmentation, for the outputs. Dice and
+surface distances are measured on those outputs.
 """
 from __future__ import annotations
 
-import copy
+import csv
 import json
-import shutil
-import uuid
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
-from data_loader.dataset import DEFAULT_LABELS, PairDataset, SubjectFiles
-from data_loader.images import MIN_OVERLAP, read_image, read_image_header, same_grid, world_overlap, write_image
+from data_loader.dataset import load_labels
+from data_loader.geometry import displacement_to_input_world, resample_to_input, working_affine
+from data_loader.images import read_image, read_image_header, write_image
+from model.variational import QV
 from model.voxelmorph import VxmDense
-from trainer.run_folder import write_config
-from trainer.tester import Tester
-from trainer.vxm_tester import VxmTester
-from utils.config import ConfigError, QVTestConfig, RunConfig, VxmTestConfig, apply_overrides, parse_config
-from utils.distributed import Context
-from utils.itk import array_from_image, image_from_array, itk_from_affine, read_displacement_transform, resample
+from trainer.build import build_energy, build_similarity
+from trainer.checkpoint import (holds_voxelmorph, is_pretrained_model, load_checkpoint, load_similarity,
+                                load_voxelmorph, similarity_from_checkpoint)
+from trainer.evaluation import ROW_FIELDS, RunningMoments, metric_rows, sample_displacements, voxel_spacing
+from trainer.pair_inputs import ImageInput, PairInputs, describe, image_like
+from trainer.pretrained import resolve_checkpoint
+from trainer.q_v_inference import infer_q_v, infer_q_v_pyramid
+from trainer.registration_config import DEFAULT_MODEL, base_config, registration_config, vxm_registration_config
+from trainer.vxm_tester import check_input_shape
+from utils.affine import AFFINE_METRICS, affine_register, identity_affine, read_affine, write_affine
+from utils.config import ConfigError, QVTestConfig, RunConfig
+from utils.io import atomic_write, atomic_write_text
+from utils.itk import (array_from_image, image_from_array, itk_displacement_field, itk_from_affine,
+                       read_displacement_transform, resample)
+from utils.metrics import jacobian_determinant
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-METRICS = ("SSD", "LCC")
-MODELS = {"SVF": "SVF_3D", "SVFFD": "SVFFD_3D"}  # --model -> transformation_module.type
-FIXED_ID, MOVING_ID = "fixed", "moving"
-VXM_BASE = CONFIGS / "VXM" / "SSD" / "config_test_baseline.json"  # VoxelMorph test configs differ only in name
-
-
-@dataclass(frozen=True)
-class PairFiles:
-    """The files of one registration: images, and the optional fixed mask and segmentations."""
-
-    fixed: Path
-    moving: Path
-    fixed_mask: Path | None = None
-    fixed_seg: Path | None = None
-    moving_seg: Path | None = None
-
-
-def reference_config(metric: str, model: str) -> dict:
-    """The reference's baseline test config of ``metric`` (SSD, LCC) and ``model`` (SVF, SVFFD), as a dict."""
-    if metric not in METRICS or model not in MODELS:
-        raise ConfigError(f"no reference config for metric {metric!r} and model {model!r} (metrics {METRICS}, "
-                          f"models {tuple(MODELS)})")
-    return json.loads((CONFIGS / model / metric / f"config_test_baseline_{metric}.json").read_text())
+# output names, after the prefix (ANTs' names for the transforms, so that its users find them)
+WARPED_IM, WARPED_SEG = "warped_im.nii.gz", "warped_seg.nii.gz"
+AFFINE = "0GenericAffine.mat"  # fixed -> moving points, ITK's MATLAB format, as antsRegistration writes it
+WARP, INVERSE_WARP = "1Warp.nii.gz", "1InverseWarp.nii.gz"  # the non-rigid part and its inverse, LPS mm
+DISPLACEMENT_ITK = "displacement_itk.nii.gz"  # the whole transformation as one ITK displacement field
+DISPLACEMENT_STD, DET_JACOBIAN = "displacement_std.nii.gz", "det_jacobian.nii.gz"
+METRICS_CSV, SUMMARY, CONFIG = "metrics.csv", "summary.json", "config.json"
+KINDS = ("identity", "affine", "mean")  # the rows of metrics.csv: before, after the affine step, after both
 
 
-def default_dims(input_shape: Sequence[int], largest: int) -> list[int]:
-    """Working grid of an input: the cube the reference pads it to, of side max(input_shape), at most ``largest``."""
-    side = min(max(int(n) for n in input_shape), int(largest))
-    return [side] * 3
+@dataclass
+class Registration:
+    """What ``register`` returns. Images are SimpleITK images on the fixed image's grid.
 
-
-def _cube(dims: Sequence[int]) -> list[int]:
-    """--dims as 3 sizes: one size means a cube."""
-    return [int(n) for n in (list(dims) * 3 if len(dims) == 1 else dims)]
-
-
-def _single_pair(data: dict, data_path: Path, dims: Sequence[int], overrides: Sequence[str], source: str
-                 ) -> RunConfig:
-    """Config dict ``data`` set up for register.py's one pair on the working grid ``dims``, overridden, validated."""
-    data["name"] = "register"
-    data["data_loader"]["args"].update(data_path=str(data_path), im_pairs="pairs.csv", dims=list(dims),
-                                       batch_size=1, no_workers=0, labels=None, demo=None)
-    data["trainer"]["save_dir"] = str(data_path)
-    return parse_config(apply_overrides(data, list(overrides)), CONFIGS, source, mode="test")
-
-
-def registration_config(base: dict, fixed_shape: Sequence[int], data_path: Path, *, model: str | None = None,
-                        dims: Sequence[int] | None = None, iterations: int | None = None,
-                        samples: int | None = None, overrides: Sequence[str] = (), source: str = "register.py"
-                        ) -> QVTestConfig:
-    """The validated config of one q_v registration.
-
-    ``base`` (a reference or checkpoint config dict) gets the register.py settings (``model``: the reference's
-    transformation, w_reg, q_v lr and iterations of that model), then ``overrides``
-    (``KEY.PATH=VALUE``, as test.py's --set). ``dims`` defaults to ``default_dims`` capped at the base config's
-    largest dims (128 for the reference); one size means a cube.
+    ``warped``: the moving image through ``transform`` (linear, moving intensity units, 0 outside);
+    ``warped_seg``: its segmentation (nearest neighbour), or None; ``affine``: the affine step, fixed -> moving
+    points; ``warp`` / ``inverse_warp``: the non-rigid displacement field p -> p + w(p) and its inverse
+    (exp(-v) of the posterior mean's velocity), vector images in LPS mm; ``displacement_std``: the uncertainty,
+    the std of the non-rigid displacement over the samples of q_v (mm; None for a network, or fewer than 2
+    samples); ``det_jacobian``: det of the Jacobian of p -> p + w(p); ``rows``: metrics.csv's rows; ``summary``:
+    summary.json's content; ``config``: the registration's config.
     """
-    data = copy.deepcopy(base)
-    if model is not None:  # the reference's registration setting of that model: w_reg, q_v lr and iterations differ
-        reference = reference_config(data["data_loss"]["type"], model)
-        for key in ("transformation_module", "reg_loss", "optimizer_q_v"):
-            data[key] = reference[key]
-        data["trainer"]["no_iters_q_v"] = reference["trainer"]["no_iters_q_v"]
-    trainer = data["trainer"]
-    if iterations is not None:
-        trainer["no_iters_q_v"] = iterations
-    if samples is not None:
-        trainer["no_samples_test"] = samples
-    dims = default_dims(fixed_shape, max(data["data_loader"]["args"]["dims"])) if dims is None else _cube(dims)
-    return _single_pair(data, data_path, dims, overrides, source)
+
+    warped: sitk.Image
+    warped_seg: sitk.Image | None
+    affine: sitk.AffineTransform
+    warp: sitk.Image
+    inverse_warp: sitk.Image
+    displacement_std: sitk.Image | None
+    det_jacobian: sitk.Image
+    rows: list[dict]
+    summary: dict
+    config: RunConfig
+
+    @property
+    def transform(self) -> sitk.CompositeTransform:
+        """The whole transformation, fixed -> moving points: the warp first, then the affine transform."""
+        return composite(self.affine, self.warp)
+
+    @property
+    def inverse_transform(self) -> sitk.CompositeTransform:
+        """Its inverse, moving -> fixed points: the inverse affine transform first, then the inverse warp."""
+        return sitk.CompositeTransform([displacement_transform(self.inverse_warp), self.affine.GetInverse()])
+
+    def save(self, prefix: str | Path) -> dict[str, Path]:
+        """Write every output as ``<prefix><name>`` (``prefix`` "out/" for a folder, "out/pair_" in ANTs' manner);
+        returns name -> path."""
+        prefix = str(prefix)
+        paths = {}
+
+        def target(name: str) -> Path:
+            paths[name] = Path(prefix + name)
+            return paths[name]
+
+        write_sitk(target(WARPED_IM), self.warped)
+        if self.warped_seg is not None:
+            write_sitk(target(WARPED_SEG), self.warped_seg)
+        write_affine(target(AFFINE), self.affine)
+        write_sitk(target(WARP), self.warp)
+        write_sitk(target(INVERSE_WARP), self.inverse_warp)
+        whole = sitk.TransformToDisplacementField(self.transform, sitk.sitkVectorFloat64, self.warp.GetSize(),
+                                                  self.warp.GetOrigin(), self.warp.GetSpacing(),
+                                                  self.warp.GetDirection())
+        write_sitk(target(DISPLACEMENT_ITK), sitk.Cast(whole, sitk.sitkVectorFloat32))
+        if self.displacement_std is not None:
+            write_sitk(target(DISPLACEMENT_STD), self.displacement_std)
+        write_sitk(target(DET_JACOBIAN), self.det_jacobian)
+        with atomic_write(target(METRICS_CSV)) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(ROW_FIELDS))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        atomic_write_text(target(SUMMARY), json.dumps(self.summary, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(target(CONFIG), json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return paths
 
 
-def vxm_registration_config(inshape: Sequence[int], data_path: Path, network: str, *,
-                            dims: Sequence[int] | None = None, overrides: Sequence[str] = (),
-                            source: str = "register.py") -> VxmTestConfig:
-    """The validated config of one registration by the VoxelMorph network ``network`` (its path or name, for
-    messages), whose input shape is ``inshape``: the working grid is that shape, and ``dims``, when given, must equal
-    it (one size means a cube)."""
-    inshape = [int(n) for n in inshape]
-    if dims is not None and _cube(dims) != inshape:
-        raise ConfigError(f"{network}: the VoxelMorph network takes inputs of shape {inshape}, not --dims "
-                          f"{_cube(dims)}; leave --dims out (the images are resampled to the network's shape)")
-    return _single_pair(json.loads(VXM_BASE.read_text()), data_path, inshape, overrides, source)
+def write_sitk(path: Path, image: sitk.Image) -> Path:
+    """Write a SimpleITK image atomically (compressed)."""
+    with atomic_write(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
 
 
-def check_inputs(files: PairFiles) -> tuple[SubjectFiles, SubjectFiles]:
-    """The fixed and moving subjects of a registration, checked from the file headers.
+def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """The transform of a displacement field, leaving ``field`` intact (the transform takes a copy)."""
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
-    Every file must be a readable 3D image, a mask or segmentation must be on its image's grid, and the images
-    must overlap in world space. The moving subject gets the fixed image's grid as its input grid.
+
+def composite(affine: sitk.Transform, warp: sitk.Image) -> sitk.CompositeTransform:
+    """T(p) = A(p + w(p)): SimpleITK applies a composite's last transform first, as antsApplyTransforms does with
+    ``-t 1Warp.nii.gz -t 0GenericAffine.mat``."""
+    return sitk.CompositeTransform([affine, displacement_transform(warp)])
+
+
+def _initial_affine(initial_transform: str | Path | sitk.Transform | None) -> sitk.Transform | None:
+    if initial_transform is None or isinstance(initial_transform, sitk.Transform):
+        return initial_transform
+    return read_affine(initial_transform)
+
+
+def _labels(inputs: PairInputs, structures: dict[str, int] | str | Path | None) -> dict[str, int]:
+    """Evaluation structures: ``structures`` (a dict or a labels JSON file), else every label of either
+    segmentation, named ``label_<id>``."""
+    if isinstance(structures, dict):
+        return dict(structures)
+    if structures is not None:
+        return load_labels(structures)
+    ids = set()
+    for seg in (inputs.fixed_seg, inputs.moving_seg):
+        ids |= set(np.unique(sitk.GetArrayViewFromImage(seg)).tolist()) if seg is not None else set()
+    return {f"label_{label}": int(label) for label in sorted(ids - {0})}
+
+
+def _field_image(displacement: torch.Tensor, inputs: PairInputs, dims: Sequence[int]) -> sitk.Image:
+    """Working-grid displacement (1, 3, *dims), voxels -> ITK displacement field on the fixed grid (LPS mm,
+    float32 values, as written to disk)."""
+    world = displacement_to_input_world(displacement[0].double().cpu().numpy(), inputs.affine, inputs.shape, dims)
+    return sitk.Cast(itk_displacement_field(world, inputs.affine), sitk.sitkVectorFloat32)
+
+
+def _input_voxels(field: sitk.Image, affine: np.ndarray) -> torch.Tensor:
+    """An ITK displacement field (LPS mm) as a displacement (1, 3, X, Y, Z) in voxels of the grid of ``affine``."""
+    lps = sitk.GetArrayFromImage(field).astype(np.float64).transpose(3, 2, 1, 0)  # (3, X, Y, Z)
+    ras = lps * np.array([-1.0, -1.0, 1.0]).reshape(3, 1, 1, 1)
+    voxels = np.einsum("kj,j...->k...", np.linalg.inv(np.asarray(affine)[:3, :3]), ras)
+    return torch.from_numpy(voxels)[None]
+
+
+def _metrics(inputs: PairInputs, warped_segs: dict[str, sitk.Image], displacement: torch.Tensor,
+             labels: dict[str, int]) -> list[dict]:
+    """metrics.csv's rows on the fixed grid: per kind (identity, affine, mean) and structure."""
+    fixed_seg = array_from_image(inputs.fixed_seg) if inputs.fixed_seg is not None else None
+    mask = array_from_image(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+    spacing = voxel_spacing(inputs.affine)
+    identity = {"pair_id": "fixed_moving", "fixed_id": "fixed", "moving_id": "moving"}
+    rows = []
+    for kind in KINDS:
+        warped = array_from_image(warped_segs[kind]) if kind in warped_segs else None
+        moved = displacement[0] if kind == "mean" else torch.zeros_like(displacement[0])
+        rows += metric_rows(identity, kind, fixed_seg, warped, moved, labels, spacing,
+                            torch.from_numpy(mask) if mask is not None else None)
+    return rows
+
+
+def _mean(rows: list[dict], kind: str, key: str) -> float | None:
+    values = [r[key] for r in rows if r["sample"] == kind and isinstance(r[key], float) and math.isfinite(r[key])]
+    return float(np.mean(values)) if values else None
+
+
+def _summary(rows: list[dict], labels: dict[str, int], extra: dict) -> dict:
+    """summary.json: mean Dice, ASD and HD95 before registration, after the affine step and after both, per
+    structure too, and the transformation's regularity."""
+    summary = {"structures": labels,
+               **{f"mean_{key}_{name}": _mean(rows, kind, key) for key in ("dice", "asd_mm", "hd95_mm")
+                  for name, kind in (("before", "identity"), ("affine", "affine"), ("after", "mean"))},
+               "per_structure": {structure: {kind: {key: next((r[key] for r in rows if r["sample"] == kind
+                                                                and r["structure"] == structure), None)
+                                                    for key in ("dice", "asd_mm", "hd95_mm")} for kind in KINDS}
+                                 for structure in labels}}
+    mean_row = next((r for r in rows if r["sample"] == "mean"), {})
+    summary["transformation"] = {key: mean_row.get(key) for key in ("folding_voxels_mask", "folding_percent_mask",
+                                                                    "log_jacobian_std")}
+    summary.update(extra)
+    return _json_ready(summary)
+
+
+def _json_ready(value):
+    """NaN and infinities -> None (JSON null), numpy numbers -> Python's, recursively."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def register(fixed: ImageInput, moving: ImageInput, *, fixed_mask: ImageInput | None = None,
+             fixed_seg: ImageInput | None = None, moving_seg: ImageInput | None = None, affine: str = "mattes",
+             initial_transform: str | Path | sitk.Transform | None = None, checkpoint: str | Path | None = None,
+             metric: str | None = None, model: str | None = None, schedule: str | None = None,
+             dims: Sequence[int] | int | None = None, iterations: int | None = None, samples: int | None = None,
+             structures: dict[str, int] | str | Path | None = None, device: str | torch.device | None = None,
+             overrides: Sequence[str] = (), progress: bool = False) -> Registration:
+    """Register ``moving`` to ``fixed``; images are files, SimpleITK images or (array (X, Y, Z), affine (4, 4) RAS).
+
+    ``affine``: the affine step's metric, "mattes" (mutual information) or "correlation", or "none" to skip it;
+    ``initial_transform``: an ITK/ANTs affine (.mat, .tfm, .txt, or a SimpleITK transform) that the affine step
+    starts from, or that is used as it is with "none". ``checkpoint``: a learnt metric (train.py's checkpoint or
+    ``pretrained:NAME``; default the baseline ``metric``, LCC) or a VoxelMorph network. ``model``: SVF or SVFFD.
+    ``schedule``: "pyramid" (coarse-to-fine q_v, ``trainer.q_v_pyramid``) or "faithful" (the reference's single
+    grid); default the pyramid on the CPU, faithful on CUDA (and for SVFFD). ``dims``: the working grid (default
+    the fixed image's largest size, at most 128). ``iterations``: q_v iterations (the most per level with the
+    pyramid); ``samples``: samples of q_v for the uncertainty (default 5). ``structures``: the labels to evaluate
+    (default every label of the segmentations). ``overrides``: ``KEY.PATH=VALUE`` config overrides.
     """
-    fixed_shape, fixed_affine = read_image_header(files.fixed)
-    try:
-        itk_from_affine(fixed_affine)
-    except ValueError as error:
-        raise ValueError(f"{files.fixed}: {error}") from None
-    moving_shape, moving_affine = read_image_header(files.moving)
-    for path, what, image, shape, affine in (
-            (files.fixed_mask, "mask", files.fixed, fixed_shape, fixed_affine),
-            (files.fixed_seg, "segmentation", files.fixed, fixed_shape, fixed_affine),
-            (files.moving_seg, "segmentation", files.moving, moving_shape, moving_affine)):
-        if path is None:
-            continue
-        other_shape, other_affine = read_image_header(path)
-        if not same_grid(shape, affine, other_shape, other_affine):
-            raise ValueError(f"{path}: {what} grid (shape {other_shape}, affine {_short(other_affine)}) does not "
-                             f"match its image {image} (shape {shape}, affine {_short(affine)})")
-    overlap = world_overlap(fixed_shape, fixed_affine, moving_shape, moving_affine)
-    if overlap < MIN_OVERLAP:
-        raise ValueError(f"{files.moving} and {files.fixed} barely overlap in world space ({overlap:.0%} of the "
-                         f"smaller field of view, at least {MIN_OVERLAP:.0%} needed): the images must be affinely "
-                         f"pre-aligned")
-    file_grid = (None if same_grid(fixed_shape, fixed_affine, moving_shape, moving_affine)
-                 else (moving_shape, moving_affine))
-    return (SubjectFiles(FIXED_ID, files.fixed, files.fixed_mask, files.fixed_seg, fixed_shape, fixed_affine),
-            SubjectFiles(MOVING_ID, files.moving, None, files.moving_seg, fixed_shape, fixed_affine, file_grid))
+    start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if affine != "none" and affine not in AFFINE_METRICS:
+        raise ValueError(f"affine must be one of {AFFINE_METRICS} or 'none', got {affine!r}")
+    inputs = PairInputs.load(fixed, moving, fixed_mask, fixed_seg, moving_seg)
+    initial = _initial_affine(initial_transform)
+    if affine == "none" and initial is None:
+        inputs.check_overlap(describe(fixed), describe(moving))
+    labels = _labels(inputs, structures)
+
+    path = resolve_checkpoint(checkpoint) if checkpoint is not None else None
+    network, loaded = None, None
+    here = Path.cwd()
+    if path is not None and holds_voxelmorph(path):
+        given = [name for name, value in (("metric", metric), ("model", model), ("schedule", schedule),
+                                          ("iterations", iterations), ("samples", samples)) if value is not None]
+        if given:
+            raise ConfigError(f"{checkpoint} is a VoxelMorph network: {', '.join(given)} "
+                              f"{'applies' if len(given) == 1 else 'apply'} to q_v registration only; leave "
+                              f"{'it' if len(given) == 1 else 'them'} out")
+        network = load_voxelmorph(path, device)[0]
+        config = vxm_registration_config(network.inshape, here, str(checkpoint), dims=dims, overrides=overrides)
+        check_input_shape(network, config, str(checkpoint))  # an override of data_loader.args.dims
+    else:
+        loaded = load_checkpoint(path, device) if path is not None else None
+        if loaded is not None:
+            loaded["source"] = str(checkpoint)
+        data = base_config(loaded, metric, model, str(checkpoint))
+        chosen = schedule or ("pyramid" if device.type == "cpu" and (model or (
+            "SVFFD" if data["transformation_module"]["type"] == "SVFFD_3D" else DEFAULT_MODEL)) == "SVF"
+            else "faithful")
+        config = registration_config(data, inputs.shape, here, model=model, dims=dims, iterations=iterations,
+                                     samples=samples, schedule=chosen, overrides=overrides)
+    working_dims = list(config.data_loader.args.dims)
+
+    affine_start = time.perf_counter()
+    transform = (affine_register(inputs.fixed, inputs.moving, affine, inputs.fixed_mask, initial)
+                 if affine != "none" else initial or identity_affine())
+    affine_seconds = time.perf_counter() - affine_start
+    fixed_t, moving_t, mask_t = inputs.working(transform, working_dims, device)
+
+    nonrigid_start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    extra: dict = {}
+    if network is not None:
+        with torch.no_grad():
+            output = network(moving_t, fixed_t)
+            mean, inverse = output.displacement, network.integrate(-output.velocity)
+        samples_iter = []
+    else:
+        mean, inverse, samples_iter, extra = _q_v(config, loaded, fixed_t, moving_t, mask_t, progress)
+    nonrigid_seconds = time.perf_counter() - nonrigid_start
+
+    warp, inverse_warp = _field_image(mean, inputs, working_dims), _field_image(inverse, inputs, working_dims)
+    whole = composite(transform, warp)
+    warped = sitk.Resample(inputs.moving, inputs.fixed, whole, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped_segs = {}
+    if inputs.moving_seg is not None:
+        for kind, kind_transform in (("identity", identity_affine()), ("affine", transform), ("mean", whole)):
+            warped_segs[kind] = resample(inputs.moving_seg, inputs.fixed, kind_transform, labels=True)
+    displacement = _input_voxels(warp, inputs.affine)
+    det_j = jacobian_determinant(displacement)[0].numpy()
+    rows = _metrics(inputs, warped_segs, displacement, labels) if inputs.fixed_seg is not None and \
+        inputs.moving_seg is not None else []
+    std = _uncertainty(samples_iter, inputs, working_dims)
+    extra.update(seconds={"affine": affine_seconds, "nonrigid": nonrigid_seconds,
+                          "total": time.perf_counter() - start},
+                 method=_method_name(config, loaded, network, checkpoint), working_grid=working_dims,
+                 affine=affine if affine != "none" else ("initial transform" if initial is not None else "none"))
+    if std is not None:
+        mask = array_from_image(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else np.ones(inputs.shape, bool)
+        extra["mean_displacement_std_mm"] = float(array_from_image(std)[mask].mean())
+    return Registration(warped, warped_segs.get("mean"), transform, warp, inverse_warp, std,
+                        image_like(det_j.astype(np.float32), inputs.fixed), rows, _summary(rows, labels, extra),
+                        config)
 
 
-def _short(affine: np.ndarray) -> str:
-    """An affine on one line."""
-    return np.array2string(np.asarray(affine)[:3], precision=3, separator=",").replace("\n", "")
+def _method_name(config: RunConfig, checkpoint: dict | None, network: VxmDense | None, source) -> str:
+    if network is not None:
+        return f"VoxelMorph network {source}"
+    metric = f"{'learnt' if checkpoint is not None else 'baseline'} {config.data_loss.type}"
+    pyramid = config.trainer.q_v_pyramid
+    schedule = f"pyramid {pyramid.levels}" if pyramid is not None else "faithful schedule"
+    return f"{metric}, {config.transformation_module.type}, {schedule}"
 
 
-def labels_found(dataset: PairDataset) -> dict[str, int]:
-    """Evaluation structures when none are named: every label id of either segmentation, as ``label_<id>``."""
-    segs = [dataset.load_subject(subject).get("seg") for subject in (FIXED_ID, MOVING_ID)]
-    if any(seg is None for seg in segs):
-        return dict(DEFAULT_LABELS)  # without both segmentations nothing is evaluated
-    ids = sorted((set(np.unique(segs[0].numpy()).tolist()) | set(np.unique(segs[1].numpy()).tolist())) - {0})
-    return {f"label_{label}": int(label) for label in ids}
+def _q_v(config: QVTestConfig, checkpoint: dict | None, fixed: torch.Tensor, moving: torch.Tensor,
+         mask: torch.Tensor, progress: bool):
+    """q_v inference on the working grid: (posterior-mean displacement, its inverse, sampled displacements, extra
+    summary entries), displacements (1, 3, *dims) in voxels."""
+    if checkpoint is not None and is_pretrained_model(checkpoint):  # it brings its own metric
+        similarity = similarity_from_checkpoint(checkpoint, checkpoint["source"], config.trainer.channels_last)
+    else:
+        similarity = build_similarity(config, learnable=checkpoint is not None)
+        if checkpoint is not None:
+            load_similarity(similarity, checkpoint, checkpoint["source"])
+    energy = build_energy(config, similarity).to(fixed.device)
+    extra = {}
+    if config.trainer.q_v_pyramid is not None:
+        q_v, _, levels = infer_q_v_pyramid(energy, fixed, moving, mask, config, progress=progress)
+        extra["q_v_levels"] = levels
+    else:
+        q_v, _ = infer_q_v(energy, fixed, moving, mask, config, progress=progress)
+        extra["q_v_levels"] = [{"shape": list(fixed.shape[2:]), "iterations": config.trainer.no_iters_q_v}]
+    with torch.no_grad():
+        mean, inverse = energy.displacement(q_v.mu), energy.displacement(-q_v.mu)  # exp(S(mu)), exp(-S(mu))
+    samples = list(sample_displacements(energy, q_v, config.trainer.no_samples_test)) \
+        if config.trainer.no_samples_test >= 2 else []
+    return mean, inverse, samples, extra
 
 
-class SinglePair:
-    """A tester of one pair (mixed in before a tester class): its files go straight into the output folder, not
-    into pairs/<pair_id>/, and its log is register.log."""
-
-    log_name = "register"
-    folder: Path
-
-    def pair_folder(self, pair_id: str) -> Path:
-        return self.folder
-
-
-class PairTester(SinglePair, Tester):
-    """q_v registration of one pair."""
-
-
-class PairVxmTester(SinglePair, VxmTester):
-    """VoxelMorph registration of one pair."""
-
-
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"output {output} exists and is not an empty folder: choose another or remove it")
-
-
-def register_files(files: PairFiles, output: Path, config: QVTestConfig | VxmTestConfig, context: Context,
-                   checkpoint: dict | None = None, structures: dict[str, int] | None = None,
-                   network: tuple[VxmDense, str] | None = None) -> dict:
-    """Register ``files`` with ``config`` and write the results into ``output``; returns summary.json's content.
-
-    A q_v config registers with the baseline metric or the learnt metric of ``checkpoint``; a VoxelMorph config with
-    ``network`` (the network and where it came from, for messages).
-
-    Every input is checked and loaded before anything is written; the results are written into a hidden folder
-    beside ``output`` that becomes ``output`` only when everything succeeded, and is removed otherwise.
-    """
-    output = Path(output)
-    _check_output(output)
-    fixed, moving = check_inputs(files)
-    dataset = PairDataset.from_subjects([fixed, moving], [(FIXED_ID, MOVING_ID)], config.data_loader.args.dims)
-    for subject in (FIXED_ID, MOVING_ID):
-        dataset.load_subject(subject)  # voxel-level problems (NaN, constant image, empty mask) fail here
-    labels = structures if structures is not None else labels_found(dataset)
-
-    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex}"
-    staging.mkdir(parents=True)
-    try:
-        write_config(staging, config.to_dict())
-        if config.method == "voxelmorph":
-            tester = PairVxmTester(config, staging, context, *network, dataset, labels)
-        else:
-            tester = PairTester(config, staging, context, checkpoint, dataset, labels)
-        try:
-            tester.test()
-        finally:
-            logger = getattr(tester, "logger", None)  # made by test()
-            for handler in list(logger.handlers) if logger else ():
-                handler.close()
-                logger.removeHandler(handler)
-        summary = json.loads((staging / "summary.json").read_text())
-        if output.exists():
-            output.rmdir()
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+def _uncertainty(samples: Sequence[torch.Tensor], inputs: PairInputs, dims: Sequence[int]) -> sitk.Image | None:
+    """The std of sampled displacements (1, 3, *dims), working voxels: sqrt of the summed variances of the world
+    components (the RMS distance of the samples to their mean, mm), on the fixed grid; None with under 2 samples."""
+    if len(samples) < 2:
+        return None
+    world = working_affine(inputs.affine, inputs.shape, dims)[:3, :3]
+    moments = RunningMoments()
+    for displacement in samples:
+        moments.update(torch.einsum("kj,bj...->bk...", torch.as_tensor(world, dtype=torch.float64),
+                                    displacement.double()))
+    std = moments.variance().sum(1).sqrt()[0].float().cpu().numpy()
+    return image_like(resample_to_input(std, inputs.shape, dims, "linear").astype(np.float32), inputs.fixed)
 
 
 def apply_transform(transform: Path, image: Path, reference: Path, output: Path, labels: bool = False) -> Path:
@@ -238,7 +370,7 @@ def apply_transform(transform: Path, image: Path, reference: Path, output: Path,
     Linear interpolation for images, nearest neighbour for label maps (``labels``); zero outside the image. The
     output has the reference's grid and the format of its extension; image intensities are kept as they are.
     """
-    field = read_displacement_transform(transform)
+    field_transform = read_displacement_transform(transform)
     shape, affine = read_image_header(reference)
     array, image_affine = read_image(image, "seg" if labels else "image")
     target = sitk.Image([int(n) for n in shape], sitk.sitkUInt8)
@@ -246,5 +378,5 @@ def apply_transform(transform: Path, image: Path, reference: Path, output: Path,
     target.SetOrigin(origin)
     target.SetSpacing(spacing)
     target.SetDirection(direction)
-    resampled = resample(image_from_array(array, image_affine), target, field, labels)
+    resampled = resample(image_from_array(array, image_affine), target, field_transform, labels)
     return write_image(output, array_from_image(resampled), affine, np.int32 if labels else np.float32)

@@ -207,7 +207,8 @@ class BaseTester:
         for level, message in self.notes:
             self.logger.log(level, message)
         rows, uncertainty, seconds, registered = [], {}, 0.0, 0
-        for index, batch in enumerate(tqdm(self.loader, desc="pairs", disable=not self.context.is_main)):
+        bar = tqdm(self.loader, desc="pairs", disable=None if self.context.is_main else True)  # None: a terminal only
+        for index, batch in enumerate(bar):
             start = time.perf_counter()
             mean, samples = self.register_batch(batch, index)
             synchronize(self.context.device)

@@ -260,6 +260,28 @@ class QVTrainerArgs(TrainerArgs):
     # training: a control run in which theta and q_f stay at their initialisation (no theta/q_f step) while q_v
     # follows the same schedule: the baseline learning curve of the CPU protocol
     freeze_theta: bool = False
+    # registration: coarse-to-fine q_v inference (QVPyramid, beyond the paper); None: the reference's schedule
+    q_v_pyramid: Optional[QVPyramid] = None
+
+
+@dataclass
+class QVPyramid(Section):
+    """Coarse-to-fine q_v inference (registration only, an option beyond the paper): the grid factors of the
+    levels, coarse to fine and ending at 1 (the working grid); per level at most ``no_iters`` iterations (default
+    trainer.no_iters_q_v), stopping once the q_v loss averaged over ``window`` iterations falls by less than
+    ``tolerance`` times its magnitude from one window to the next."""
+
+    levels: list[int] = checked(factory=lambda: [4, 2, 1], min_length=1, ge=1)
+    no_iters: Optional[list[int]] = checked(None, min_length=1, ge=1)
+    window: int = checked(32, ge=1)
+    tolerance: float = checked(1e-3, ge=0)
+
+    def check(self, where: str) -> None:
+        if self.levels[-1] != 1 or any(a <= b for a, b in zip(self.levels, self.levels[1:])):
+            raise ConfigError(f"{where}.levels: expected decreasing grid factors ending at 1, e.g. [4, 2, 1], got "
+                              f"{self.levels}")
+        if self.no_iters is not None and len(self.no_iters) != len(self.levels):
+            raise ConfigError(f"{where}.no_iters: one count per level ({len(self.levels)}), got {self.no_iters}")
 
 
 def required() -> Any:
@@ -326,6 +348,9 @@ class QVTestConfig(RunConfig):
         if cps is not None and any(c >= n for c, n in zip(cps, dims)):
             raise ConfigError(f"{where}transformation_module.args.cps: control-point spacing {cps} must be "
                               f"smaller than data_loader.args.dims {dims}")
+        if self.trainer.q_v_pyramid is not None and self.transformation_module.type != "SVF_3D":
+            raise ConfigError(f"{where}trainer.q_v_pyramid: coarse-to-fine inference needs the dense SVF_3D "
+                              f"(an SVFFD's control points are tied to its grid)")
 
 
 @dataclass(kw_only=True)
@@ -342,6 +367,9 @@ class QVTrainConfig(QVTestConfig):
         super().check(where)
         if not self.model.args.learnable:
             raise ConfigError(f"{where}model.args.learnable: training needs a learnable metric")
+        if self.trainer.q_v_pyramid is not None:
+            raise ConfigError(f"{where}trainer.q_v_pyramid: training keeps the reference's single-resolution q_v "
+                              f"schedule (the pyramid is for registration: test.py and register.py)")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 ``python -m utils.pretrained list`` lists the models of ``pretrained_models/manifest.json``;
 ``python -m utils.pretrained download NAME|all`` downloads them into the cache (``$LEARNSIM_CACHE``, else
 ``~/.cache/learnsim``). A download goes to a temporary file that is renamed into the cache only after its size and
-checksum are verified, so the cache never holds a partial or unverified file. Tarballs are unpacked with
+checksum are verified, so the cache never holds a partial or unverified file; a file copied into the cache by hand
+is verified on first use, and a cached file that fails its check is reported, not replaced. Tarballs are unpacked with
 utils.archive. Models shipped in the repository (a ``url`` relative to the manifest) are verified in place.
 """
 from __future__ import annotations
@@ -140,8 +141,8 @@ def _download(model: PretrainedModel, target: Path, progress: bool) -> None:
     with atomic_write(target) as tmp:
         try:
             with urllib.request.urlopen(model.url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as file, \
-                    tqdm(total=model.size, unit="B", unit_scale=True, desc=model.name, disable=not progress,
-                         file=sys.stderr) as bar:
+                    tqdm(total=model.size, unit="B", unit_scale=True, desc=model.name, file=sys.stderr,
+                         disable=None if progress else True) as bar:  # None: no bar when stderr is not a terminal
                 received = 0
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     received += len(chunk)
@@ -154,7 +155,8 @@ def _download(model: PretrainedModel, target: Path, progress: bool) -> None:
                 raise
             reason = getattr(error, "reason", error)
             raise PretrainedError(f"{model.name}: cannot download {model.url} ({reason}): offline, or a wrong URL? "
-                                  f"Nothing was written to {target.parent}") from None
+                                  f"Nothing was written to {target.parent}. To install it by hand, copy "
+                                  f"{model.filename} to {target} (it is verified on first use)") from None
         verify(model, tmp, f"the download of {model.url}")
 
 
@@ -170,12 +172,13 @@ def fetch(name: str, manifest: str | os.PathLike = MANIFEST, cache: str | os.Pat
         verify(model, local, str(local))
         return local
     target = Path(cache or cache_dir()) / model.filename
-    if target.is_file():
+    if target.is_file():  # downloaded, or copied there by hand: used once it verifies, reported (and kept) otherwise
         try:
-            verify(model, target, str(target))
-            return target
-        except PretrainedError:
-            target.unlink()  # changed since it was verified: fetch it again
+            verify(model, target, f"the cached file {target}")
+        except PretrainedError as error:
+            raise PretrainedError(f"{error}; it was left as it is: remove it to download {model.name} again, or "
+                                  f"replace it with a good copy") from None
+        return target
     _download(model, target, progress)
     return target
 
