@@ -53,7 +53,7 @@ def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: st
     gradients, theta_step = [], trainer.optimizer_theta.step
 
     def stepping(*args, **kwargs):  # the gradients that theta and q_f step with, after DDP's all-reduce
-        gradients.append({name: p.grad.clone() for name, p in trainer.contrastive.named_parameters()})
+        gradients.append({name: p.grad.clone() for name, p in trainer.theta_loss.named_parameters()})
         return theta_step(*args, **kwargs)
 
     trainer.optimizer_theta.step = stepping
