@@ -235,3 +235,18 @@ def test_train_batch_steps_theta_on_the_ranking_loss_and_leaves_q_f(tmp_path):
             assert not torch.equal(value, record["model"][name])
     for name, value in trainer.q_f.state_dict().items():
         assert torch.equal(value, record["q_f"][name]), f"q_f.{name} moved"
+
+
+def test_each_perturbed_warp_draws_its_own_uniform_noise():
+    """With uniform noise on, as in the paper's theta step each warp gets its own draw: no two candidates share it."""
+    dims = (24, 24, 24)
+    energy = Energy(SVF(dims), SimilarityMetric("SSD", learnable=False), 1.0, None, 0.1).double()
+    q_v = QV.initial(1, dims, sigma_init=1e-6, u_init=0.0, dtype=torch.float64)  # phi ~ identity
+    moving = torch.arange(dims[0], dtype=torch.float64).view(1, 1, -1, 1, 1).expand(1, 1, *dims).contiguous()
+    torch.manual_seed(0)
+    warped = perturbed_warps(energy, q_v, moving, no_perturbations=1, spacing=4, magnitude=1e-9)
+    inner = (slice(None), 0, slice(2, -2), slice(2, -2), slice(2, -2))  # M(x) = x_0: the warp shows u_0 + noise_0
+    noise = (warped - moving)[inner].flatten(1)
+    assert noise.abs().max() <= 0.1 + 1e-6 and (noise.amax(1) > 0.099).all()
+    correlation = torch.corrcoef(noise) - torch.eye(3, dtype=torch.float64)
+    assert correlation.abs().max() < 0.05, "the candidates share their noise"
