@@ -214,7 +214,7 @@ def test_train_batch_steps_theta_on_the_ranking_loss_and_leaves_q_f(tmp_path):
     theta ends where one Adam step on the recorded ranking loss takes it, and q_f, which the loss does not use,
     stays as it was."""
     config = load_config(tiny_config(tmp_path, no_iters_q_v=2),
-                         ['theta_loss={"type": "alignment_ranking", "args": {"no_perturbations": 1, "spacing": 3}}'])
+                         ['theta_loss={"type": "alignment_ranking", "args": {"no_perturbations": 2, "spacing": 3}}'])
     context = setup("cpu")
     trainer = Trainer(config, create_run_folder(config.trainer.save_dir, config.name, "train", context), context)
     assert isinstance(trainer.theta_loss, AlignmentRankingLoss)
@@ -223,7 +223,7 @@ def test_train_batch_steps_theta_on_the_ranking_loss_and_leaves_q_f(tmp_path):
     recorded_step(trainer, log)
     trainer.train_batch(next(iter(trainer.loader)), epoch=1, index=0)
     (record,) = log
-    assert record["warped"].shape[0] == 3 * record["fixed"].shape[0]
+    assert record["warped"].shape[0] == 5 * record["fixed"].shape[0]  # not the contrastive step's 3 warps
     similarity = build_similarity(config)
     similarity.load_state_dict(record["model"])
     loss = AlignmentRankingLoss(similarity, config.theta_loss.alignment_ranking.temperature)

@@ -114,7 +114,7 @@ def test_two_gloo_ranks_step_with_the_mean_alignment_ranking_gradient(tmp_path):
     from utils.config import load_config
 
     config_path = tiny_config(tmp_path, subjects=5, no_epochs=1, no_iters_q_v=2)
-    config = load_config(config_path, ['theta_loss={"type": "alignment_ranking", "args": {"no_perturbations": 1}}'])
+    config = load_config(config_path, ['theta_loss={"type": "alignment_ranking", "args": {"no_perturbations": 2}}'])
     config.data_loader.args.batch_size = 2
     config_path.write_text(json.dumps(config.to_dict()))
     mp.spawn(_train_rank, args=(2, _free_port(), str(config_path), str(tmp_path)), nprocs=2, join=True)
@@ -123,7 +123,7 @@ def test_two_gloo_ranks_step_with_the_mean_alignment_ranking_gradient(tmp_path):
     replayed = []
     for rank in (rank0, rank1):
         record = rank["steps"][0]
-        assert record["warped"].shape[0] == 3 * record["fixed"].shape[0]
+        assert record["warped"].shape[0] == 5 * record["fixed"].shape[0]
         similarity = build_similarity(config)
         similarity.load_state_dict(record["model"])
         loss = AlignmentRankingLoss(similarity)
