@@ -2,9 +2,10 @@
 
 The paper's contrastive step compares E(F, M o phi) with the energies of q_f's samples F +/- e; for SSD with a linear
 f that difference is -1/2 sum f(e)^2, whatever M and the alignment. Here the negatives are in the transformation
-instead: the same F against M warped by one sample of q_v (the positive) and by that sample plus and minus smooth
-random velocity perturbations (the negatives), and the loss asks the metric to score the positive as the best match,
-through dissimilarity ratios that do not change with the overall gain of f:
+instead: the same F against M warped by one sample of q_v (the positive) and by that sample plus and minus random
+velocity perturbations (the negatives; like the sample, each goes through the Sobolev smoothing), and the loss asks
+the metric to score the positive as the best match, through dissimilarity ratios that do not change with the overall
+gain of f:
 
     D_c = E_c - min E   (SSD: E_c = 1/2 sum_mask z >= 0; LCC: E_c + |mask| = sum_mask (1 - z) > 0)
     loss per pair = log(1 + sum_{c >= 1} (D_0 / D_c)^(1 / temperature)),  averaged over the pairs
@@ -28,11 +29,13 @@ from model.variational import QV
 
 def smooth_perturbations(count: int, shape: Sequence[int], spacing: int, magnitude: float, device=None,
                          dtype=torch.float32) -> torch.Tensor:
-    """``count`` random smooth velocity fields for each of B pairs: (count, B, 3, *dims), voxel units.
+    """``count`` random velocity fields for each of B pairs, smooth at the scale ``spacing``: (count, B, 3, *dims),
+    voxel units.
 
     Per field: N(0, 1) values on a grid of control points spread evenly over each axis (ends included) at most
-    ``spacing`` voxels apart, trilinearly interpolated to the velocity grid ``shape`` (B, 3, *dims)
-    (align_corners=True), then scaled so that its RMS vector length over the grid is exactly ``magnitude``.
+    ``spacing`` voxels apart (1: every voxel, white noise), trilinearly interpolated to the velocity grid ``shape``
+    (B, 3, *dims) (align_corners=True), then scaled so that its RMS vector length over the grid is exactly
+    ``magnitude``.
     """
     batch, channels, *dims = shape
     coarse = [math.ceil((n - 1) / spacing) + 1 for n in dims]

@@ -159,9 +159,10 @@ def test_the_loss_needs_two_candidates_per_pair():
         loss(fixed, warped[:2], mask)
 
 
-def test_perturbations_have_the_asked_rms_length_and_are_independent():
+@pytest.mark.parametrize("spacing", [1, 2])
+def test_perturbations_have_the_asked_rms_length_and_are_independent(spacing):
     torch.manual_seed(0)
-    fields = smooth_perturbations(3, (2, 3, *DIMS), spacing=2, magnitude=0.7, dtype=torch.float64)
+    fields = smooth_perturbations(3, (2, 3, *DIMS), spacing=spacing, magnitude=0.7, dtype=torch.float64)
     assert fields.shape == (3, 2, 3, *DIMS)
     rms = fields.pow(2).sum(2).mean((2, 3, 4)).sqrt()
     torch.testing.assert_close(rms, torch.full((3, 2), 0.7, dtype=torch.float64), rtol=1e-12, atol=0)

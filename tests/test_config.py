@@ -379,7 +379,7 @@ def test_the_theta_loss_is_the_contrastive_one_unless_a_config_names_another():
     assert config.to_dict()["theta_loss"] == {"type": "contrastive", "args": {}}
     assert load_config(DEMO / "test.json").theta_loss is None
     ranking = load_config(DEMO / "train.json", ['theta_loss={"type": "alignment_ranking", "args": {"spacing": 2}}'])
-    assert ranking.theta_loss.args == {"no_perturbations": 2, "magnitude": 1.0, "spacing": 2, "temperature": 1.0}
+    assert ranking.theta_loss.args == {"no_perturbations": 2, "magnitude": 0.5, "spacing": 2, "temperature": 1.0}
     assert ranking.theta_loss.alignment_ranking.spacing == 2
     again = parse_config(ranking.to_dict(), DEMO, source=ranking.source)
     assert again == ranking and again.to_dict() == ranking.to_dict()

@@ -119,12 +119,13 @@ class QF(Section):
 
 @dataclass
 class AlignmentRankingArgs(Section):
-    """Negatives in the transformation (model/alignment.py): 2 x no_perturbations smooth perturbations of q_v's
-    sample."""
+    """Negatives in the transformation (model/alignment.py): 2 x no_perturbations random perturbations of q_v's
+    sample. The defaults of magnitude and spacing are the issue-20 pilot's (README): coarser perturbations (spacing
+    2 or 4) made f blur and grow its gain as much as the contrastive step does."""
 
     no_perturbations: int = checked(2, ge=1)  # K: the negatives are v + d_k and v - d_k, k = 1..K
-    magnitude: float = checked(1.0, gt=0)  # RMS length of each d_k, voxels of the velocity grid
-    spacing: int = checked(4, ge=1)  # control points of d_k at most this many voxels apart
+    magnitude: float = checked(0.5, gt=0)  # RMS length of each d_k, voxels of the velocity grid
+    spacing: int = checked(1, ge=1)  # control points of d_k at most this many voxels apart (1: every voxel)
     temperature: float = checked(1.0, gt=0)
 
 
