@@ -502,9 +502,11 @@ class Protocol:
         result = {"budgets": [0.0, *BUDGETS], "aligned_run": str(aligned), "objectives": {}}
         for run in (Path(other.runs[key]["folder"]), self.ledger_folder(key)):
             config = load_config(run / "config.json")
-            epochs = budget_epochs(config.optimizer_q_phi.args.lr)
+            epochs = budget_epochs(config.optimizer_q_phi.args.lr, BUDGETS)
             checkpoints = [None, *[self.kept(run, epochs[b]) for b in BUDGETS]]
-            result["objectives"][config.theta_loss.type] = {
+            label = config.theta_loss.type  # with --set-train, both runs may have the same objective
+            label = label if label not in result["objectives"] else f"{label}, {run.name}"
+            result["objectives"][label] = {
                 "run": str(run), "steps": [0, *[epochs[b] for b in BUDGETS]],
                 "describe": analyse(run / "config.json", pairs, checkpoints, no_pairs=5, aligned_run=aligned)}
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
@@ -546,14 +548,14 @@ class Protocol:
                   "table": table(results) + ("\n\n" + theta_table(side_by_side) if side_by_side else ""),
                   "machine": {"platform": platform.platform(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+        if side_by_side:
+            report["theta_side_by_side"] = side_by_side
         atomic_write_text(self.out / "paper_budget.json", json.dumps(report, indent=2, default=_json) + "\n")
         if results:
             budget_figure(self.out / "budget.png", results)
         if training_curves:
             curves_figure(self.out / "curves.png", training_curves)
         if side_by_side:
-            report["theta_side_by_side"] = side_by_side
-            atomic_write_text(self.out / "paper_budget.json", json.dumps(report, indent=2, default=_json) + "\n")
             features_figure(self.out / "features.png",
                             [row for m, found in side_by_side.items() for row in self.features(m, found)])
         return report

@@ -195,3 +195,49 @@ def test_the_theta_table_sets_the_objectives_side_by_side():
     assert lines[3] == "| SSD | 0x | 0 | alignment_ranking | 1 | 1.00 | 8.7 | 0.38 | +0.090 |"
     assert lines[4] == "| SSD | 1x | 40 | contrastive | 4.5 | 1.00 | 8.7 | 0.38 | +0.090 |"
     assert lines[5].endswith("| -0.160 |")
+
+
+def test_theta_side_by_side_describes_both_objectives_at_every_budget(tmp_path, monkeypatch):
+    """Tiny runs stand in for fold a's: the contrastive one of the --baselines folder, the alignment-ranking one of
+    this folder and the theta-frozen control whose alignment the preference is measured against. Budgets 1x and 4x
+    are theta steps 1 and 4 at theta lr 6e-3."""
+    import train
+    from benchmarks import paper_budget
+    from tests.demo_config import demo_config_dict, tiny_config
+
+    monkeypatch.setattr(paper_budget, "BUDGETS", (1.0, 4.0))
+    config_path = tiny_config(tmp_path, subjects=6, no_epochs=4, no_iters_q_v=2, keep_checkpoints=[1, 4])
+    common = ["optimizer_q_phi.args.lr=0.006", "data_loader.args.batch_size=5"]
+    runs = {}
+    for name, sets in (("contrastive", []), ("ranking", ['theta_loss={"type": "alignment_ranking"}']),
+                       ("frozen", ["trainer.freeze_theta=true"])):
+        overrides = [arg for item in common + sets for arg in ("--set", item)]
+        runs[name] = str(train.main(["-c", str(config_path), "--device", "cpu", *overrides]).parent.parent)
+    root = tmp_path / "protocol"
+    (root / "SSD").mkdir(parents=True)
+    (root / "fold_a_train.csv").write_text((tmp_path / "data" / "pairs.csv").read_text())
+    (root / "SSD" / "config_test_baseline_SSD.json").write_text(json.dumps(
+        demo_config_dict(tmp_path / "data", tmp_path / "saved", labels=None)))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "runs.json").write_text(json.dumps({"train:SSD:a": {"folder": runs["contrastive"]},
+                                                            "train_frozen:SSD:a": {"folder": runs["frozen"]}}))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "runs.json").write_text(json.dumps({"train:SSD:a": {"folder": runs["ranking"]}}))
+    protocol = Protocol(["SSD"], tmp_path / "new", root=root, objective="alignment_ranking",
+                        baselines=tmp_path / "old")
+    assert protocol.ledger.runs["train_frozen:SSD:a"]["folder"] == runs["frozen"]  # reused
+    found = protocol.theta_side_by_side("SSD")
+    assert found["budgets"] == [0.0, 1.0, 4.0] and found["aligned_run"] == runs["frozen"]
+    assert set(found["objectives"]) == {"contrastive", "alignment_ranking"}
+    for objective, run in (("contrastive", runs["contrastive"]), ("alignment_ranking", runs["ranking"])):
+        entry = found["objectives"][objective]
+        assert entry["run"] == run and entry["steps"] == [0, 1, 4]
+        assert [len(d["pairs"]) for d in entry["describe"]] == [5, 5, 5]
+        assert all(math.isfinite(d["alignment_preference"]) for d in entry["describe"])
+        assert entry["describe"][0] == found["objectives"]["contrastive"]["describe"][0]  # the same Dirac start
+        assert entry["describe"][2]["feature_gain"] != entry["describe"][0]["feature_gain"]
+    assert json.loads((tmp_path / "new" / "theta_side_by_side_SSD.json").read_text()) == found
+    rows = protocol.features("SSD", found)
+    assert [(r["metric"], r["feature_steps"], len(r["features"])) for r in rows] == [
+        ("SSD contrastive", [0, 1, 4], 3), ("SSD alignment_ranking", [0, 1, 4], 3)]
+    assert len(theta_table({"SSD": found}).splitlines()) == 2 + 3 * 2
