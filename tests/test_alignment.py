@@ -116,7 +116,7 @@ def test_ranking_loss_of_a_learnt_metric_is_its_definition(kind):
             d.append(float(data.detach()) + (float(mask[b].sum()) if kind == "LCC" else 0.0))
         assert min(d) > 0
         total += math.log(1 + sum((d[0] / d[c]) ** (1 / temperature) for c in range(1, candidates)))
-    assert float(loss) == pytest.approx(total / batch, rel=1e-10)
+    assert float(loss.detach()) == pytest.approx(total / batch, rel=1e-10)
 
 
 def test_lcc_dissimilarity_is_the_sum_of_one_minus_z_in_the_mask():
