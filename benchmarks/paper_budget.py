@@ -1,6 +1,8 @@
 """The paper-budget protocol: does the learnt metric beat its baseline, and a retuned baseline, at the paper's budget?
 
     python -m benchmarks.paper_budget [--metrics SSD LCC] [--out benchmarks/results/paper_budget]
+    python -m benchmarks.paper_budget --objective alignment_ranking [--set-train KEY=VALUE ...] \
+        --baselines benchmarks/results/paper_budget --out benchmarks/results/paper_budget_alignment_ranking
 
 The paper trained theta for about 600 steps at lr 1e-5 and q_f at lr 1e-3 (5 epochs of 120 steps; METHOD.md): a
 budget, lr x steps (the most Adam moves one weight), of 6e-3 for theta and 0.6 for q_f. The protocol
@@ -26,6 +28,13 @@ Each run is recorded in ``<out>/runs.json`` as soon as it finishes, with its wal
 command reuses finished runs and resumes an interrupted training run from its last checkpoint, so a killed protocol
 loses at most the registration that was running. ``<out>/paper_budget.json`` holds every number, ``budget.png``
 held-out Dice and folding against the theta budget, ``curves.png`` the training-pair curves.
+
+``--objective`` trains theta with another ``theta_loss`` (model/alignment.py) under the same folds, budgets, test
+schedule and controls, in training runs named ``<name>_<objective>``; ``--set-train`` overrides more keys of the
+training config (e.g. ``theta_loss.args.spacing=2``). ``--baselines OUT`` reuses the finished runs of another output
+folder that do not depend on theta (the w_reg sweeps and the theta-frozen control runs), and the report then sets
+what theta learnt beside what it learnt there (``theta_side_by_side`` and ``features.png``: on fold a's training
+pairs, at the Dirac initialisation and at each budget, with the preference for the frozen control's alignment).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import os
 import platform
 import resource
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -49,11 +59,11 @@ from scipy import stats
 
 import test as test_script
 import train as train_script
-from benchmarks.cpu_protocol import curves, curves_figure
+from benchmarks.cpu_protocol import curves, curves_figure, feature_slices, features_figure
 from benchmarks.theta_analysis import analyse
 from trainer.base import KEPT
 from trainer.run_folder import read_status
-from utils.config import load_config
+from utils.config import ThetaLoss, load_config
 from utils.io import atomic_write, atomic_write_text
 
 PROTOCOL = Path("configs/synthbrain/paper_budget")
@@ -70,6 +80,8 @@ PAPER = {  # the paper's test results (METHOD.md): learnt - baseline, Dice point
     "SSD": {"dice_points": 4.1, "asd_mm": -0.1, "folding_percent_learnt": 0.10, "folding_percent_baseline": 0.0},
     "LCC": {"dice_points": 0.6, "asd_mm": -0.01, "structures_significant": "11 of 15"}}
 ALPHA, POWER = 0.05, 0.8
+CONTRASTIVE = {"type": "contrastive", "args": {}}  # the theta_loss block of the paper's objective, as parsed
+THETA_OBJECTIVES = typing.get_args(typing.get_type_hints(ThetaLoss)["type"])
 
 
 def read_pairs(path: Path) -> list[str]:
@@ -249,6 +261,16 @@ class Ledger:
         print(f"[paper_budget] {key}: {self.runs[key]['wall_seconds'] / 60:.1f} min", flush=True)
         return folder
 
+    def reuse(self, other: "Ledger", prefixes: tuple[str, ...]) -> None:
+        """Take over ``other``'s finished runs whose keys start with one of ``prefixes`` (runs that do not depend on
+        what this ledger's protocol changes), unless this ledger has them already."""
+        taken = {key: entry for key, entry in other.runs.items() if key.startswith(prefixes) and "folder" in entry
+                 and "folder" not in self.runs.get(key, {})
+                 and (read_status(Path(entry["folder"])) or {}).get("status") == "finished"}
+        if taken:
+            self.runs.update({key: {**entry, "reused_from": str(other.path)} for key, entry in taken.items()})
+            self._save()
+
     def started(self, key: str) -> float | None:
         """When an unfinished run ``key`` was started (None if it never was or has finished)."""
         entry = self.runs.get(key, {})
@@ -259,15 +281,20 @@ def _sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def interrupted_training(save_dir: Path, name: str, pairs: Path, since: float) -> Path | None:
-    """The last checkpoint of an unfinished training run on ``pairs`` started after ``since`` (epoch seconds)."""
+def interrupted_training(save_dir: Path, name: str, pairs: Path, since: float,
+                         theta_loss: dict | None = None) -> Path | None:
+    """The last checkpoint of an unfinished training run on ``pairs`` started after ``since`` (epoch seconds); with
+    ``theta_loss``, of a run with that theta loss (a run folder of a version without the key: the contrastive)."""
     found = []
     for folder in (save_dir / name).glob("train-*"):
         config = folder / "config.json"
         if (not config.is_file() or folder.stat().st_mtime < since
                 or (read_status(folder) or {}).get("status") == "finished"):
             continue
-        if json.loads(config.read_text())["data_loader"]["args"]["im_pairs"] != str(pairs.resolve()):
+        stored = json.loads(config.read_text())
+        if stored["data_loader"]["args"]["im_pairs"] != str(pairs.resolve()):
+            continue
+        if theta_loss is not None and stored.get("theta_loss", CONTRASTIVE) != theta_loss:
             continue
         found += list((folder / "checkpoints").glob("checkpoint_epoch*.pt"))
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
@@ -276,10 +303,15 @@ def interrupted_training(save_dir: Path, name: str, pairs: Path, since: float) -
 class Protocol:
     """The runs of the protocol for the metrics asked for, in order of priority, each recorded in the ledger."""
 
-    def __init__(self, metrics: list[str], out: Path, root: Path = PROTOCOL):
+    def __init__(self, metrics: list[str], out: Path, root: Path = PROTOCOL, objective: str = "contrastive",
+                 train_sets: list[str] = (), baselines: Path | None = None):
         self.metrics, self.out, self.root = metrics, out, root
+        self.objective, self.baselines = objective, baselines
         self.ledger = Ledger(out / "runs.json")
         self.dev = Path(load_config(self.config("SSD", "test_baseline")).data_loader.args.im_pairs)
+        self.train_sets = list(train_sets)
+        if baselines is not None:
+            self.ledger.reuse(Ledger(baselines / "runs.json"), ("sweep:", "train_frozen:"))
 
     def config(self, metric: str, kind: str) -> Path:
         return self.root / metric / f"config_{kind}_{metric}.json"
@@ -287,8 +319,17 @@ class Protocol:
     def fold(self, fold: str, part: str) -> Path:
         return (self.root / f"fold_{fold}_{part}.csv").resolve()
 
+    def training_sets(self, metric: str) -> list[str]:
+        """The overrides of ``--objective`` and ``--set-train`` for ``metric``'s training config. The runs of another
+        objective get their own name, so that their folders stay apart from the contrastive runs of the same pairs."""
+        if self.objective == "contrastive":
+            return list(self.train_sets)
+        name = load_config(self.config(metric, "train")).name
+        return [f'theta_loss={{"type": "{self.objective}", "args": {{}}}}', f"name={name}_{self.objective}",
+                *self.train_sets]
+
     def epochs(self, metric: str) -> dict[float, int]:
-        config = load_config(self.config(metric, "train"))
+        config = load_config(self.config(metric, "train"), self.training_sets(metric))
         epochs = budget_epochs(config.optimizer_q_phi.args.lr)
         missing = sorted(set(epochs.values()) - set(config.trainer.keep_checkpoints))
         if missing or config.trainer.no_epochs < max(epochs.values()):
@@ -300,10 +341,12 @@ class Protocol:
         """The training run folder of ``metric`` on ``fold``'s training pairs (theta frozen: the control run)."""
         key = f"train{'_frozen' if frozen else ''}:{metric}:{fold}"
         pairs = self.fold(fold, "train")
-        sets = [f"data_loader.args.im_pairs={pairs}"] + (["trainer.freeze_theta=true"] if frozen else [])
+        sets = [*self.training_sets(metric), f"data_loader.args.im_pairs={pairs}"] + (
+            ["trainer.freeze_theta=true"] if frozen else [])
         config = load_config(self.config(metric, "train"), sets)
         since = self.ledger.started(key)
-        partial = None if since is None else interrupted_training(config.trainer.save_dir, config.name, pairs, since)
+        partial = None if since is None else interrupted_training(config.trainer.save_dir, config.name, pairs, since,
+                                                                  config.to_dict()["theta_loss"])
 
         def start() -> Path:
             if partial is not None:
@@ -444,6 +487,44 @@ class Protocol:
         result["retuned_per_pair"] = {p: {k: retuned[p][k] for k in QUANTITIES} for p in held_out}
         return result
 
+    def theta_side_by_side(self, metric: str) -> dict | None:
+        """``benchmarks.theta_analysis`` numbers of fold a's training run with this protocol's objective beside those
+        of ``--baselines``' run, on fold a's five training pairs, at the Dirac initialisation and at every budget,
+        with the preference for the alignment of the frozen control run; None until all three runs are done. Cached
+        in ``<out>/theta_side_by_side_<metric>.json``."""
+        key, frozen = f"train:{metric}:a", f"train_frozen:{metric}:a"
+        other = None if self.baselines is None else Ledger(self.baselines / "runs.json")
+        if other is None or not (self._done(key) and self._done(frozen) and "folder" in other.runs.get(key, {})):
+            return None
+        path = self.out / f"theta_side_by_side_{metric}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        pairs, aligned = self.fold("a", "train"), self.ledger_folder(frozen)
+        result = {"budgets": [0.0, *BUDGETS], "aligned_run": str(aligned), "objectives": {}}
+        for run in (Path(other.runs[key]["folder"]), self.ledger_folder(key)):
+            config = load_config(run / "config.json")
+            epochs = budget_epochs(config.optimizer_q_phi.args.lr, BUDGETS)
+            checkpoints = [None, *[self.kept(run, epochs[b]) for b in BUDGETS]]
+            label = config.theta_loss.type  # with --set-train, both runs may have the same objective
+            label = label if label not in result["objectives"] else f"{label}, {run.name}"
+            result["objectives"][label] = {
+                "run": str(run), "steps": [0, *[epochs[b] for b in BUDGETS]],
+                "describe": analyse(run / "config.json", pairs, checkpoints, no_pairs=5, aligned_run=aligned)}
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        return result
+
+    def features(self, metric: str, side_by_side: dict) -> list[dict]:
+        """f(F) mid-slices of each objective's fold-a run at steps 0, 1x and 4x the budget, for ``features.png``."""
+        rows = []
+        for objective, entry in side_by_side["objectives"].items():
+            run = Path(entry["run"])
+            steps = dict(zip(side_by_side["budgets"], entry["steps"]))
+            shown = [0, steps[1.0], steps[4.0]]
+            checkpoints = [None, *[self.kept(run, step) for step in shown[1:]]]
+            rows.append({"metric": f"{metric} {objective}", "feature_steps": shown,
+                         "features": feature_slices(run / "config.json", self.fold("a", "train"), checkpoints)})
+        return rows
+
     def _done(self, key: str) -> bool:
         return "folder" in self.ledger.runs.get(key, {})
 
@@ -461,16 +542,23 @@ class Protocol:
                 if self._done(f"train_frozen:{m}:a"):
                     entry["curves_frozen"] = curves(self.ledger_folder(f"train_frozen:{m}:a"))
                 training_curves.append(entry)
-        report = {"protocol": "paper_budget", "paper": PAPER, "budgets": BUDGETS,
+        side_by_side = {m: found for m in self.metrics if (found := self.theta_side_by_side(m)) is not None}
+        report = {"protocol": "paper_budget", "paper": PAPER, "budgets": BUDGETS, "objective": self.objective,
                   "steps": {m: self.epochs(m) for m in self.metrics},
-                  "results": results, "theta": theta, "runs": self.ledger.runs, "table": table(results),
+                  "results": results, "theta": theta, "runs": self.ledger.runs,
+                  "table": table(results) + ("\n\n" + theta_table(side_by_side) if side_by_side else ""),
                   "machine": {"platform": platform.platform(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+        if side_by_side:
+            report["theta_side_by_side"] = side_by_side
         atomic_write_text(self.out / "paper_budget.json", json.dumps(report, indent=2, default=_json) + "\n")
         if results:
             budget_figure(self.out / "budget.png", results)
         if training_curves:
             curves_figure(self.out / "curves.png", training_curves)
+        if side_by_side:
+            features_figure(self.out / "features.png",
+                            [row for m, found in side_by_side.items() for row in self.features(m, found)])
         return report
 
 
@@ -511,6 +599,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+THETA_COLUMNS = (("feature_gain", "gain", "{:.3g}"), ("feature_sharpness", "sharpness", "{:.2f}"),
+                 ("data_gradient_norm", "pull", "{:.3g}"), ("data_gradient_smooth_fraction", "smooth fraction", "{:.2f}"),
+                 ("alignment_preference", "preference", "{:+.3f}"))
+
+
+def theta_table(side_by_side: dict[str, dict]) -> str:
+    """Markdown: per metric, budget and objective, what theta learnt (``Protocol.theta_side_by_side``)."""
+    lines = ["| metric | budget | theta step | objective | " + " | ".join(c[1] for c in THETA_COLUMNS) + " |",
+             "| --- " * (4 + len(THETA_COLUMNS)) + "|"]
+    for metric, found in side_by_side.items():
+        for i, budget in enumerate(found["budgets"]):
+            for objective, entry in found["objectives"].items():
+                numbers = entry["describe"][i]
+                cells = [form.format(numbers[key]) if key in numbers else "" for key, _, form in THETA_COLUMNS]
+                lines.append(f"| {metric} | {budget:g}x | {entry['steps'][i]} | {objective} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def budget_figure(path: Path, results: list[dict]) -> None:
     """Held-out Dice and % folding (samples) against the theta budget: learnt (solid), baseline at the reference
     w_reg (dotted), retuned baseline (dash-dot), baseline at the matched w_reg (dashed)."""
@@ -545,9 +651,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/paper_budget"))
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the runs recorded so far, without starting any")
+    parser.add_argument("--objective", default="contrastive", choices=THETA_OBJECTIVES,
+                        help="theta_loss.type of the training runs (default: the paper's contrastive loss)")
+    parser.add_argument("--set-train", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the training configs, e.g. theta_loss.args.spacing=2 (repeatable)")
+    parser.add_argument("--baselines", type=Path,
+                        help="an output folder of this protocol whose w_reg sweeps and theta-frozen control runs are "
+                             "reused, and whose learnt theta is set beside this one's")
     args = parser.parse_args(argv)
+    if args.baselines is not None and args.baselines.resolve() == args.out.resolve():
+        parser.error("--baselines must be another output folder than --out")
     args.out.mkdir(parents=True, exist_ok=True)
-    protocol = Protocol(args.metrics, args.out)
+    protocol = Protocol(args.metrics, args.out, objective=args.objective, train_sets=args.set_train,
+                        baselines=args.baselines)
     if not args.report_only:
         protocol.run_all()
     report = protocol.report()

@@ -84,3 +84,13 @@ def train_killed(monkeypatch, trainer_class: type, config_path: Path, saved: Pat
     monkeypatch.setattr(trainer_class, "train_batch", original)
     (checkpoint,) = saved.rglob(f"checkpoint_epoch{epoch - 1}.pt")
     return checkpoint
+
+
+def trained_with_alignment_ranking(tmp_path: Path, size: int = 16) -> Path:
+    """The last checkpoint of a tiny training run (2 epochs, 2 q_v iterations) whose theta step is the
+    alignment-ranking loss; its run folder is checkpoint.parent.parent."""
+    import train
+
+    config_path = tiny_config(tmp_path, size=size, no_iters_q_v=2)
+    return train.main(["-c", str(config_path), "--device", "cpu", "--set",
+                       'theta_loss={"type": "alignment_ranking", "args": {"no_perturbations": 1}}'])

@@ -371,3 +371,29 @@ def test_reference_configs_carry_the_reference_values(model, metric, run):
     assert found == expected
     assert "cps" not in data["transformation_module"].get("args", {}) or model == "SVFFD"
     assert _get(data, "model.args").get("lcc_form", "reference") == "reference"
+
+
+def test_the_theta_loss_is_the_contrastive_one_unless_a_config_names_another():
+    config = load_config(DEMO / "train.json")
+    assert (config.theta_loss.type, config.theta_loss.args) == ("contrastive", {})
+    assert config.to_dict()["theta_loss"] == {"type": "contrastive", "args": {}}
+    assert load_config(DEMO / "test.json").theta_loss is None
+    ranking = load_config(DEMO / "train.json", ['theta_loss={"type": "alignment_ranking", "args": {"spacing": 2}}'])
+    assert ranking.theta_loss.args == {"no_perturbations": 2, "magnitude": 0.5, "spacing": 2, "temperature": 1.0}
+    assert ranking.theta_loss.alignment_ranking.spacing == 2
+    again = parse_config(ranking.to_dict(), DEMO, source=ranking.source)
+    assert again == ranking and again.to_dict() == ranking.to_dict()
+
+
+@pytest.mark.parametrize("theta_loss, expected", [
+    ({"type": "langevin"}, "theta_loss.type: 'langevin' is not one of ['contrastive', 'alignment_ranking']"),
+    ({"type": "contrastive", "args": {"temperature": 1}}, "theta_loss.args: the contrastive theta loss takes no args"),
+    ({"type": "alignment_ranking", "args": {"margin": 1}}, "theta_loss.args.margin: unknown key"),
+    ({"type": "alignment_ranking", "args": {"temperature": 0}}, "theta_loss.args.temperature: must be > 0"),
+    ({"type": "alignment_ranking", "args": {"no_perturbations": 0}}, "theta_loss.args.no_perturbations: must be >= 1"),
+    ({"type": "alignment_ranking", "args": {"spacing": 2.5}}, "theta_loss.args.spacing: expected int"),
+    ({"type": "alignment_ranking", "args": {"magnitude": -1}}, "theta_loss.args.magnitude: must be > 0"),
+    ({"type": "alignment_ranking", "args": []}, "theta_loss.args: expected dict, got list"),
+])
+def test_a_bad_theta_loss_names_its_key(tmp_path, theta_loss, expected):
+    assert expected in load_error(tmp_path, set_key(demo_data(), "theta_loss", theta_loss))

@@ -53,7 +53,7 @@ def _train_rank(rank: int, world_size: int, port: int, config_path: str, out: st
     gradients, theta_step = [], trainer.optimizer_theta.step
 
     def stepping(*args, **kwargs):  # the gradients that theta and q_f step with, after DDP's all-reduce
-        gradients.append({name: p.grad.clone() for name, p in trainer.contrastive.named_parameters()})
+        gradients.append({name: p.grad.clone() for name, p in trainer.theta_loss.named_parameters()})
         return theta_step(*args, **kwargs)
 
     trainer.optimizer_theta.step = stepping
@@ -103,6 +103,42 @@ def test_two_gloo_ranks_step_with_the_mean_gradient_of_their_pairs(tmp_path):
         torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-9, msg=name)
     initial = torch.load(next(tmp_path.rglob("checkpoint_epoch1.pt")), weights_only=True)["model"]
     assert all(torch.equal(initial[k], rank0["model"][k]) for k in initial)
+
+
+def test_two_gloo_ranks_step_with_the_mean_alignment_ranking_gradient(tmp_path):
+    """The issue-20 theta loss under DistributedDataParallel: each rank's theta gradient, after the all-reduce, is
+    the mean of the two ranks' ranking-loss gradients on their own pairs (replayed here from the recorded warps),
+    both ranks end with the same theta, and q_f, which the loss does not use, does not move."""
+    from model.alignment import AlignmentRankingLoss
+    from trainer.build import build_similarity
+    from utils.config import load_config
+
+    config_path = tiny_config(tmp_path, subjects=5, no_epochs=1, no_iters_q_v=2)
+    config = load_config(config_path, ['theta_loss={"type": "alignment_ranking", "args": {"no_perturbations": 2}}'])
+    config.data_loader.args.batch_size = 2
+    config_path.write_text(json.dumps(config.to_dict()))
+    mp.spawn(_train_rank, args=(2, _free_port(), str(config_path), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert set(rank0["pairs"]).isdisjoint(rank1["pairs"]) and len(rank0["steps"]) == len(rank1["steps"]) == 1
+    replayed = []
+    for rank in (rank0, rank1):
+        record = rank["steps"][0]
+        assert record["warped"].shape[0] == 5 * record["fixed"].shape[0]
+        similarity = build_similarity(config)
+        similarity.load_state_dict(record["model"])
+        loss = AlignmentRankingLoss(similarity)
+        replayed.append(dict(zip([name for name, _ in loss.named_parameters()], torch.autograd.grad(
+            loss(record["fixed"], record["warped"], record["mask"]), list(loss.parameters())))))
+    for name in replayed[0]:
+        mean = (replayed[0][name] + replayed[1][name]) / 2
+        for rank in (rank0, rank1):
+            torch.testing.assert_close(rank["gradients"][0][name], mean, rtol=1e-4, atol=1e-7, msg=name)
+    assert not torch.allclose(replayed[0]["similarity.features.aggregation.weight"],
+                              replayed[1]["similarity.features.aggregation.weight"], rtol=1e-2)
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), f"model.{key} differs between ranks"
+    for key, value in rank0["q_f"].items():
+        assert torch.equal(value, rank0["steps"][0]["q_f"][key]) and torch.equal(value, rank1["q_f"][key])
 
 
 def _train_vxm_rank(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:

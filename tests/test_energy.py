@@ -195,7 +195,7 @@ def test_train_batch_steps_theta_and_q_f_on_the_contrastive_loss(tmp_path):
     assert log[0]["warped"].shape[0] == 3 * log[0]["fixed"].shape[0]
     contrastive, gradients = replayed_gradients(config, log[0])
     expected = adam_step(contrastive, gradients, config)
-    actual = dict(trainer.contrastive.named_parameters())
+    actual = dict(trainer.theta_loss.named_parameters())
     assert expected.keys() == actual.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name].detach(), value, rtol=1e-5, atol=1e-9, msg=name)

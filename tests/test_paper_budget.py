@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.paper_budget import (BUDGETS, FOLDS, PROTOCOL, budget_epochs, choose_w_reg, interpolate_sweep,
-                                     paired, pairs_needed, per_pair, read_pairs, welch_over_samples)
+from benchmarks.paper_budget import (BUDGETS, FOLDS, PROTOCOL, Ledger, Protocol, budget_epochs, choose_w_reg,
+                                     interpolate_sweep, interrupted_training, paired, pairs_needed, per_pair,
+                                     read_pairs, theta_table, welch_over_samples)
+from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("pair_id", "sample", "structure", "status", "dice", "asd_mm", "folding_percent_reference")
@@ -126,3 +128,116 @@ def test_w_reg_is_chosen_on_the_given_pairs_and_read_off_the_sweep_in_log_w():
     assert values["h"]["dice"] == pytest.approx(0.6)
     values, outside = interpolate_sweep(sweep, 0.01, ["h"])
     assert outside and values["h"]["dice"] == pytest.approx(0.1)
+
+
+def test_the_default_objective_trains_the_committed_configs_unchanged(tmp_path):
+    protocol = Protocol(["SSD", "LCC"], tmp_path / "out", root=ROOT / PROTOCOL)
+    assert protocol.training_sets("SSD") == protocol.training_sets("LCC") == []
+
+
+@pytest.mark.parametrize("metric", ["SSD", "LCC"])
+def test_another_objective_trains_under_its_own_name_with_the_same_budgets(tmp_path, metric):
+    protocol = Protocol([metric], tmp_path / "out", root=ROOT / PROTOCOL, objective="alignment_ranking",
+                        train_sets=["theta_loss.args.spacing=2"])
+    config = load_config(protocol.config(metric, "train"), protocol.training_sets(metric))
+    assert config.name == f"synthbrain_paper_budget_{metric}_alignment_ranking"
+    assert config.theta_loss.type == "alignment_ranking" and config.theta_loss.alignment_ranking.spacing == 2
+    assert protocol.epochs(metric) == budget_epochs(1.5e-4)
+
+
+def _finished_run(folder: Path, im_pairs: str, theta_loss: dict | None, status: str = "finished") -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint_epoch3.pt").write_bytes(b"")
+    config = {"data_loader": {"args": {"im_pairs": im_pairs}}}
+    if theta_loss is not None:
+        config["theta_loss"] = theta_loss
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "status.json").write_text(json.dumps({"status": status}))
+    return folder
+
+
+def test_baselines_reuse_only_finished_runs_that_do_not_depend_on_theta(tmp_path):
+    old = Ledger(tmp_path / "old.json")
+    done = str(_finished_run(tmp_path / "sweep", "p", None))
+    running = str(_finished_run(tmp_path / "running", "p", None, status="running"))
+    old.runs = {"sweep:SSD:lr0.01:w1.8": {"folder": done}, "train_frozen:SSD:a": {"folder": done},
+                "sweep:SSD:lr0.01:w0.45": {"folder": running}, "sweep:SSD:lr0.01:w0.1125": {"started": 1.0},
+                "train:SSD:a": {"folder": done}, "learnt:SSD:lr0.01:a:x1.0": {"folder": done}}
+    new = Ledger(tmp_path / "new.json")
+    new.runs = {"train_frozen:SSD:a": {"folder": "mine"}}
+    new.reuse(old, ("sweep:", "train_frozen:"))
+    assert set(new.runs) == {"sweep:SSD:lr0.01:w1.8", "train_frozen:SSD:a"}
+    assert new.runs["train_frozen:SSD:a"] == {"folder": "mine"}
+    assert new.runs["sweep:SSD:lr0.01:w1.8"]["reused_from"] == str(tmp_path / "old.json")
+    assert json.loads((tmp_path / "new.json").read_text()) == new.runs
+
+
+def test_an_interrupted_run_resumes_only_with_its_own_theta_loss(tmp_path):
+    ranking = {"type": "alignment_ranking", "args": {"spacing": 4}}
+    _finished_run(tmp_path / "saved" / "name" / "train-1", "/pairs.csv", None, status="running")  # before the key
+    _finished_run(tmp_path / "saved" / "name" / "train-2", "/pairs.csv", ranking, status="running")
+    found = {theta_loss["type"]: interrupted_training(tmp_path / "saved", "name", Path("/pairs.csv"), 0.0, theta_loss)
+             for theta_loss in ({"type": "contrastive", "args": {}}, ranking)}
+    assert found["contrastive"].parent.parent.name == "train-1"
+    assert found["alignment_ranking"].parent.parent.name == "train-2"
+    assert interrupted_training(tmp_path / "saved", "name", Path("/pairs.csv"), 0.0,
+                                {"type": "alignment_ranking", "args": {"spacing": 2}}) is None
+
+
+def test_the_theta_table_sets_the_objectives_side_by_side():
+    numbers = {"feature_gain": 1.0, "feature_sharpness": 1.0, "data_gradient_norm": 8.7,
+               "data_gradient_smooth_fraction": 0.38, "alignment_preference": 0.09}
+    side_by_side = {"SSD": {"budgets": [0.0, 1.0], "objectives": {
+        "contrastive": {"steps": [0, 40], "describe": [numbers, {**numbers, "feature_gain": 4.5}]},
+        "alignment_ranking": {"steps": [0, 40], "describe": [numbers, {**numbers, "alignment_preference": -0.16}]}}}}
+    lines = theta_table(side_by_side).splitlines()
+    assert len(lines) == 2 + 4
+    assert lines[3] == "| SSD | 0x | 0 | alignment_ranking | 1 | 1.00 | 8.7 | 0.38 | +0.090 |"
+    assert lines[4] == "| SSD | 1x | 40 | contrastive | 4.5 | 1.00 | 8.7 | 0.38 | +0.090 |"
+    assert lines[5].endswith("| -0.160 |")
+
+
+def test_theta_side_by_side_describes_both_objectives_at_every_budget(tmp_path, monkeypatch):
+    """Tiny runs stand in for fold a's: the contrastive one of the --baselines folder, the alignment-ranking one of
+    this folder and the theta-frozen control whose alignment the preference is measured against. Budgets 1x and 4x
+    are theta steps 1 and 4 at theta lr 6e-3."""
+    import train
+    from benchmarks import paper_budget
+    from tests.demo_config import demo_config_dict, tiny_config
+
+    monkeypatch.setattr(paper_budget, "BUDGETS", (1.0, 4.0))
+    config_path = tiny_config(tmp_path, subjects=6, no_epochs=4, no_iters_q_v=2, keep_checkpoints=[1, 4])
+    common = ["optimizer_q_phi.args.lr=0.006", "data_loader.args.batch_size=5"]
+    runs = {}
+    for name, sets in (("contrastive", []), ("ranking", ['theta_loss={"type": "alignment_ranking"}']),
+                       ("frozen", ["trainer.freeze_theta=true"])):
+        overrides = [arg for item in common + sets for arg in ("--set", item)]
+        runs[name] = str(train.main(["-c", str(config_path), "--device", "cpu", *overrides]).parent.parent)
+    root = tmp_path / "protocol"
+    (root / "SSD").mkdir(parents=True)
+    (root / "fold_a_train.csv").write_text((tmp_path / "data" / "pairs.csv").read_text())
+    (root / "SSD" / "config_test_baseline_SSD.json").write_text(json.dumps(
+        demo_config_dict(tmp_path / "data", tmp_path / "saved", labels=None)))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "runs.json").write_text(json.dumps({"train:SSD:a": {"folder": runs["contrastive"]},
+                                                            "train_frozen:SSD:a": {"folder": runs["frozen"]}}))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "runs.json").write_text(json.dumps({"train:SSD:a": {"folder": runs["ranking"]}}))
+    protocol = Protocol(["SSD"], tmp_path / "new", root=root, objective="alignment_ranking",
+                        baselines=tmp_path / "old")
+    assert protocol.ledger.runs["train_frozen:SSD:a"]["folder"] == runs["frozen"]  # reused
+    found = protocol.theta_side_by_side("SSD")
+    assert found["budgets"] == [0.0, 1.0, 4.0] and found["aligned_run"] == runs["frozen"]
+    assert set(found["objectives"]) == {"contrastive", "alignment_ranking"}
+    for objective, run in (("contrastive", runs["contrastive"]), ("alignment_ranking", runs["ranking"])):
+        entry = found["objectives"][objective]
+        assert entry["run"] == run and entry["steps"] == [0, 1, 4]
+        assert [len(d["pairs"]) for d in entry["describe"]] == [5, 5, 5]
+        assert all(math.isfinite(d["alignment_preference"]) for d in entry["describe"])
+        assert entry["describe"][0] == found["objectives"]["contrastive"]["describe"][0]  # the same Dirac start
+        assert entry["describe"][2]["feature_gain"] != entry["describe"][0]["feature_gain"]
+    assert json.loads((tmp_path / "new" / "theta_side_by_side_SSD.json").read_text()) == found
+    rows = protocol.features("SSD", found)
+    assert [(r["metric"], r["feature_steps"], len(r["features"])) for r in rows] == [
+        ("SSD contrastive", [0, 1, 4], 3), ("SSD alignment_ranking", [0, 1, 4], 3)]
+    assert len(theta_table({"SSD": found}).splitlines()) == 2 + 3 * 2

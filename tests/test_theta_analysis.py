@@ -2,6 +2,9 @@
 smoothing keeps, q_v motion and the preference for an aligned transformation."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +12,10 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from benchmarks.ssd_investigation import training_batch
-from benchmarks.theta_analysis import describe, feature_statistics, gradient_magnitude, q_v_motion, smooth_fraction
+from benchmarks.theta_analysis import (analyse, describe, feature_statistics, gradient_magnitude, q_v_motion,
+                                      smooth_fraction)
 from model.similarity import SimilarityMetric
-from tests.demo_config import tiny_config
+from tests.demo_config import tiny_config, trained_with_alignment_ranking
 from trainer.build import build_energy
 from utils.config import load_config
 
@@ -140,3 +144,19 @@ def test_the_dirac_initialisation_puts_the_first_layer_s_weight_on_the_centre_ta
     assert found["first_layer_centre_tap"] == pytest.approx(0.25, rel=1e-4)
     assert found["first_layer_off_centre_tap"] < 1e-6
     assert "first_layer_centre_tap" not in describe(SimilarityMetric("SSD", learnable=False), config, batch)
+
+
+def test_theta_analysis_describes_a_metric_learnt_with_the_alignment_ranking_loss(tmp_path):
+    """The numbers of benchmarks.theta_analysis for a checkpoint of the issue-20 objective, beside its Dirac
+    initialisation: the preference for an aligned velocity included."""
+    last = trained_with_alignment_ranking(tmp_path)
+    run = last.parent.parent
+    pairs = Path(load_config(run / "config.json").data_loader.args.im_pairs)
+    described = analyse(run / "config.json", pairs, [None, last], no_pairs=2, aligned_run=run)
+    keys = {"data_gradient_norm", "data_gradient_smooth_fraction", "feature_gain", "feature_sharpness",
+            "alignment_preference", "first_layer_centre_tap", "first_layer_off_centre_tap"}
+    for numbers in described:
+        assert keys <= set(numbers) and all(math.isfinite(numbers[k]) for k in keys)
+    initial, learnt = described
+    assert initial["feature_gain"] == pytest.approx(1.0, abs=1e-3)
+    assert learnt["first_layer_off_centre_tap"] > 10 * initial["first_layer_off_centre_tap"]

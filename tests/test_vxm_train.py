@@ -16,10 +16,10 @@ import train
 from model.similarity import SimilarityMetric
 from model.voxelmorph import VxmDense
 from model.variational import QF
-from tests.demo_config import tiny_config, tiny_vxm_config, train_killed
+from tests.demo_config import tiny_config, tiny_vxm_config, train_killed, trained_with_alignment_ranking
 from trainer import outputs
-from trainer.checkpoint import (VXM_CHECKPOINT_KIND, CheckpointError, load_training_checkpoint, load_voxelmorph,
-                                save_checkpoint)
+from trainer.checkpoint import (VXM_CHECKPOINT_KIND, CheckpointError, load_checkpoint, load_training_checkpoint,
+                                load_voxelmorph, save_checkpoint)
 from trainer.vxm_trainer import VxmTrainer
 from utils.config import ConfigError, load_config
 
@@ -194,3 +194,21 @@ def test_the_authors_network_cannot_be_resumed(trained, tmp_path):
     with pytest.raises(CheckpointError, match="no training state to resume") as error:
         train.main(["-r", str(pt), "--device", "cpu"])
     assert str(pt) in str(error.value)
+
+
+def test_a_metric_learnt_with_the_alignment_ranking_loss_is_the_frozen_data_term(tmp_path):
+    """A checkpoint of the issue-20 objective holds a metric like any other: VoxelMorph's data_loss.args.checkpoint
+    loads it, with its weights, frozen."""
+    metric = trained_with_alignment_ranking(tmp_path / "metric", size=SIZE)
+    checkpoint = load_checkpoint(metric)
+    assert checkpoint["config"]["theta_loss"]["type"] == "alignment_ranking"
+    config_path = tiny_vxm_config(tmp_path, size=SIZE, no_epochs=1)
+    from trainer.run_folder import create_run_folder
+    from utils.distributed import setup
+    context = setup("cpu")
+    parsed = load_config(config_path, [f"data_loss.args.checkpoint={metric}"])
+    trainer = VxmTrainer(parsed, create_run_folder(parsed.trainer.save_dir, parsed.name, "train", context), context)
+    assert trainer.loss.similarity.learnable
+    assert not any(p.requires_grad for p in trainer.loss.similarity.parameters())
+    for key, value in trainer.loss.similarity.state_dict().items():
+        assert torch.equal(value, checkpoint["model"][key]), key

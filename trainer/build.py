@@ -1,15 +1,21 @@
 """Objects of a run built from a validated config."""
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data_loader.dataset import DEFAULT_LABELS, PairDataset, load_labels
 from data_loader.demo import ensure_demo_dataset
-from model.energy import Energy
+from model.alignment import AlignmentRankingLoss, perturbed_warps
+from model.energy import ContrastiveLoss, Energy
 from model.similarity import SimilarityMetric
 from model.transformation import SVF, SVFFD
-from utils.config import QVTestConfig, RunConfig
+from model.variational import QF, QV
+from utils.config import QVTestConfig, QVTrainConfig, RunConfig
 from utils.distributed import Context, barrier
 from utils.sobolev import sobolev_kernel
 
@@ -65,6 +71,19 @@ def build_energy(config: QVTestConfig, similarity: SimilarityMetric) -> Energy:
     noise = config.trainer.uniform_noise
     return Energy(build_transformation(config), similarity, config.reg_loss.args.w_reg, kernel,
                   noise.magnitude if noise.enabled else 0.0)
+
+
+def build_theta_loss(config: QVTrainConfig, similarity: SimilarityMetric, q_f: QF, energy: Energy
+                     ) -> tuple[nn.Module, Callable[[QV, torch.Tensor], torch.Tensor]]:
+    """The theta step's loss module (``theta_loss.type``) and what it is given: the warps of M that one sample of q_v
+    makes, ``sample_warped(q_v, moving)``."""
+    theta_loss = config.theta_loss
+    if theta_loss.type == "contrastive":
+        return ContrastiveLoss(similarity, q_f), energy.sample_warped
+    args = theta_loss.alignment_ranking
+    return (AlignmentRankingLoss(similarity, args.temperature),
+            partial(perturbed_warps, energy, no_perturbations=args.no_perturbations, spacing=args.spacing,
+                    magnitude=args.magnitude))
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:

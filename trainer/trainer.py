@@ -1,14 +1,14 @@
-"""Learning theta (and q_f): per batch, q_v inference then one contrastive theta/q_f step; a checkpoint per epoch."""
+"""Learning theta (and q_f): per batch, q_v inference then one theta/q_f step (the paper's contrastive loss, or the
+``theta_loss`` the config names); a checkpoint per epoch."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from model.energy import ContrastiveLoss
 from model.variational import QF
 from trainer.base import BaseTrainer, distributed
-from trainer.build import build_energy, build_similarity, to_device
+from trainer.build import build_energy, build_similarity, build_theta_loss, to_device
 from trainer.checkpoint import CHECKPOINT_KIND, is_pretrained_model, load_similarity, load_state, metric_state
 from trainer.q_v_inference import denormals_flushed, infer_q_v
 from trainer.q_v_store import QVStore
@@ -41,7 +41,8 @@ class Trainer(BaseTrainer):
         self.energy = build_energy(config, self.similarity).to(device)
         q_f_args = config.q_f.args
         self.q_f = QF(config.data_loader.args.dims, q_f_args.sigma_init, q_f_args.u_init)
-        self.contrastive = ContrastiveLoss(self.similarity, self.q_f).to(device)
+        theta_loss, self.sample_warped = build_theta_loss(config, self.similarity, self.q_f, self.energy)
+        self.theta_loss = theta_loss.to(device)
         self.optimizer_theta = torch.optim.Adam(self.similarity.parameters(), lr=config.optimizer_q_phi.args.lr)
         self.optimizer_q_f = torch.optim.Adam(self.q_f.parameters(), lr=config.optimizer_q_f.args.lr)
         if checkpoint is not None:
@@ -52,7 +53,7 @@ class Trainer(BaseTrainer):
             self.store.check(self.dataset.pair_ids, self.start_epoch, self.energy.transformation.velocity_shape)
         elif self.start_epoch > 1:
             self.notes.append("q_v reset")
-        self.step_module = distributed(self.contrastive, context)
+        self.step_module = distributed(self.theta_loss, context)
 
     def state(self) -> dict:
         return metric_state(self.similarity, self.q_f, self.optimizer_theta, self.optimizer_q_f)
@@ -87,10 +88,10 @@ class Trainer(BaseTrainer):
         for i, pid in enumerate(batch["pair_id"]):
             self.store.save(pid, epoch, q_v.state(i))
         self.monitor.after_q_v(batch, q_v, self.energy, self.q_f, step=self.step + 1)
-        warped = self.energy.sample_warped(q_v, moving["im"])
-        if self.config.trainer.freeze_theta:  # the control run: the contrastive loss is logged, nothing steps
+        warped = self.sample_warped(q_v, moving["im"])
+        if self.config.trainer.freeze_theta:  # the control run: the theta loss is logged, nothing steps
             with torch.no_grad(), denormals_flushed(self.context.device.type == "cpu"):
-                loss_theta = self.contrastive(fixed["im"], warped, fixed["mask"])
+                loss_theta = self.theta_loss(fixed["im"], warped, fixed["mask"])
         else:
             loss_theta = self.theta_step(fixed["im"], warped, fixed["mask"])
         logged = torch.stack([t.mean() for t in terms.values()] + [loss_theta.detach()])
@@ -98,7 +99,8 @@ class Trainer(BaseTrainer):
         return dict(zip([f"q_v/{k}" for k in terms] + ["theta/loss"], logged))
 
     def theta_step(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One contrastive step of theta and q_f (both optimizers on the same loss); returns the loss, detached."""
+        """One step of theta and q_f (both optimizers on the same loss; q_f gets no gradient from a loss without it,
+        and Adam leaves it as it is); returns the loss, detached."""
         self.optimizer_theta.zero_grad(set_to_none=True)
         self.optimizer_q_f.zero_grad(set_to_none=True)
         with denormals_flushed(self.context.device.type == "cpu"):

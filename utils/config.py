@@ -118,6 +118,40 @@ class QF(Section):
 
 
 @dataclass
+class AlignmentRankingArgs(Section):
+    """Negatives in the transformation (model/alignment.py): 2 x no_perturbations random perturbations of q_v's
+    sample. The defaults of magnitude and spacing are the issue-20 pilot's (README): coarser perturbations (spacing
+    2 or 4) made f blur and grow its gain as much as the contrastive step does."""
+
+    no_perturbations: int = checked(2, ge=1)  # K: the negatives are v + d_k and v - d_k, k = 1..K
+    magnitude: float = checked(0.5, gt=0)  # RMS length of each d_k, voxels of the velocity grid
+    spacing: int = checked(1, ge=1)  # control points of d_k at most this many voxels apart (1: every voxel)
+    temperature: float = checked(1.0, gt=0)
+
+
+@dataclass
+class ThetaLoss(Section):
+    """The objective of the theta step: the paper's ``contrastive`` (the default, no args) or
+    ``alignment_ranking``."""
+
+    type: Literal["contrastive", "alignment_ranking"] = "contrastive"
+    args: dict = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        if self.type == "contrastive":
+            if self.args:
+                raise ConfigError(f"{where}.args: the contrastive theta loss takes no args, got {sorted(self.args)}")
+            return
+        # validated, and written back with every default filled in, so that the run folder's config shows them
+        self.args = _unparse(_parse_section(AlignmentRankingArgs, self.args, f"{where}.args", Path()))
+
+    @property
+    def alignment_ranking(self) -> AlignmentRankingArgs:
+        """The args of the ``alignment_ranking`` loss, typed."""
+        return AlignmentRankingArgs(**self.args)
+
+
+@dataclass
 class TypeOnly(Section):
     type: str
     args: dict = field(default_factory=dict)
@@ -334,6 +368,7 @@ class QVTestConfig(RunConfig):
     optimizer_q_phi: Optional[Optimizer] = None
     entropy_loss: Optional[TypeOnly] = None
     registration_module: Optional[TypeOnly] = None
+    theta_loss: Optional[ThetaLoss] = None
 
     def check(self, where: str) -> None:
         if self.model.type != f"CNN_{self.data_loss.type}":
@@ -362,6 +397,7 @@ class QVTrainConfig(QVTestConfig):
     q_f: QF = required()
     optimizer_q_f: Optimizer = required()
     optimizer_q_phi: Optimizer = required()
+    theta_loss: ThetaLoss = field(default_factory=ThetaLoss)
 
     def check(self, where: str) -> None:
         super().check(where)
