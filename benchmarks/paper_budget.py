@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import math
 import os
@@ -239,9 +240,16 @@ class Ledger:
 
     def __post_init__(self) -> None:
         self.runs: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self._mine: set[str] = set()
 
     def _save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.runs, indent=2) + "\n")
+        """Write this ledger's runs into the file, keeping those that another process (``--metrics LCC`` beside
+        ``--metrics SSD``) wrote meanwhile: read, merge and replace under an exclusive lock."""
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.runs = {**self.runs, **on_disk, **{key: self.runs[key] for key in self._mine}}
+            atomic_write_text(self.path, json.dumps(self.runs, indent=2) + "\n")
 
     def run(self, key: str, start: Callable[[], Path], finished: Callable[[Path], Path]) -> Path:
         """The folder of run ``key``: recorded, or made by ``start`` (timed; ``finished`` maps its return value to
@@ -251,6 +259,7 @@ class Ledger:
                 "status") == "finished":
             return Path(entry["folder"])
         self.runs[key] = {"started": time.time()}
+        self._mine.add(key)
         self._save()
         wall, cpu = time.perf_counter(), _cpu_seconds()
         folder = finished(start())
@@ -269,6 +278,7 @@ class Ledger:
                  and (read_status(Path(entry["folder"])) or {}).get("status") == "finished"}
         if taken:
             self.runs.update({key: {**entry, "reused_from": str(other.path)} for key, entry in taken.items()})
+            self._mine.update(taken)
             self._save()
 
     def started(self, key: str) -> float | None:
@@ -403,9 +413,10 @@ class Protocol:
                              q_v_lr, w_reg=w_reg)
 
     def run_all(self) -> None:
-        """Every run, most important first: training and its frozen-theta control runs (whether a learning curve
-        is theta's doing); the baselines; the 1x budget with its matched control; the other budgets; SSD at the
-        paper's stated q_v lr."""
+        """Every run, most important first: training; the baselines; the 1x budget with its matched control; the
+        other budgets, out from 1x; SSD at the paper's stated q_v lr; last the frozen-theta control runs (whether a
+        training-pair learning curve is theta's doing; on held-out pairs, theta frozen is the baseline at the
+        reference w_reg)."""
         for metric in self.metrics:
             self.epochs(metric)  # a config that cannot give the budgets fails before anything runs
             if W_REG_REFERENCE[metric] not in W_REG_SWEEP[metric]:
@@ -414,15 +425,13 @@ class Protocol:
             for fold in FOLDS:
                 self.train(metric, fold)
         for metric in self.metrics:
-            self.train(metric, "a", frozen=True)
-        for metric in self.metrics:
             self.sweep(metric, Q_V_LRS[metric][0])
         for metric in self.metrics:
             for fold in FOLDS:
                 self.learnt(metric, fold, 1.0, Q_V_LRS[metric][0])
                 self.matched(metric, fold, 1.0, Q_V_LRS[metric][0])
         for metric in self.metrics:
-            for budget in BUDGETS:
+            for budget in sorted(BUDGETS, key=lambda b: abs(math.log2(b))):  # out from 1x: the neighbours first
                 for fold in FOLDS:
                     self.learnt(metric, fold, budget, Q_V_LRS[metric][0])
         for metric in self.metrics:
@@ -431,6 +440,8 @@ class Protocol:
                 for fold in FOLDS:
                     self.learnt(metric, fold, 1.0, q_v_lr)
                     self.matched(metric, fold, 1.0, q_v_lr)
+        for metric in self.metrics:
+            self.train(metric, "a", frozen=True)
 
     # -----------------------------------------------------------------------------------------------------------
     # analysis

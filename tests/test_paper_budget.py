@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,17 @@ def test_baselines_reuse_only_finished_runs_that_do_not_depend_on_theta(tmp_path
     assert new.runs["train_frozen:SSD:a"] == {"folder": "mine"}
     assert new.runs["sweep:SSD:lr0.01:w1.8"]["reused_from"] == str(tmp_path / "old.json")
     assert json.loads((tmp_path / "new.json").read_text()) == new.runs
+
+
+def test_two_processes_share_one_ledger_without_losing_runs(tmp_path):
+    ssd, lcc = Ledger(tmp_path / "runs.json"), Ledger(tmp_path / "runs.json")  # --metrics SSD beside --metrics LCC
+    ssd.run("sweep:SSD", lambda: tmp_path / "a", lambda folder: folder)
+    lcc.run("sweep:LCC", lambda: tmp_path / "b", lambda folder: folder)
+    ssd.run("train:SSD", lambda: tmp_path / "c", lambda folder: folder)
+    on_disk = json.loads((tmp_path / "runs.json").read_text())
+    assert set(on_disk) == {"sweep:SSD", "sweep:LCC", "train:SSD"}
+    assert on_disk["sweep:LCC"]["folder"] == os.path.relpath(tmp_path / "b")
+    assert set(Ledger(tmp_path / "runs.json").runs) == set(on_disk)
 
 
 def test_an_interrupted_run_resumes_only_with_its_own_theta_loss(tmp_path):
