@@ -222,6 +222,15 @@ def broken_labels(ws: Workspace):
     return registering(ws)
 
 
+def raw_value(key: str, text: str, entry=training) -> Callable:
+    """A case whose config holds ``text`` verbatim as the value of ``key`` (JSON that json.dumps would not write)."""
+    def case(ws: Workspace):
+        ws.edit(_set(key, "@raw@"))
+        ws.config.write_text(ws.config.read_text().replace('"@raw@"', text))
+        return entry(ws)
+    return case
+
+
 def pairs_line(text: str, entry=training) -> Callable:
     return lambda ws: (ws.pairs(text), entry(ws))[1]
 
@@ -268,6 +277,13 @@ CASES = [
     ("seg_filename-absolute", edited("data_loader.args.seg_filename", "/etc/hostname", registering), None,
      ["data_loader.args.seg_filename", "absolute"]),
     ("data_path-missing", edited("data_loader.args.data_path", "no_such_folder"), None, ["data_loader.args.data_path"]),
+    ("lr-infinity", edited("optimizer_q_v.args.lr", float("inf")), None,
+     ["config.json", "optimizer_q_v.args.lr", "not a finite number"]),
+    ("lr-1e400", raw_value("optimizer_q_phi.args.lr", "1e400"), None, ["config.json", "optimizer_q_phi.args.lr", "inf"]),
+    ("free-form-nan", raw_value("model.args.activation.args.negative_slope", "NaN", registering), None,
+     ["config.json", "model.args.activation.args.negative_slope", "not a finite number"]),
+    ("override-infinity", lambda ws: training(ws, "--set", "reg_loss.args.w_reg=Infinity"), None,
+     ["reg_loss.args.w_reg", "not a finite number"]),
     ("override-not-a-block", lambda ws: training(ws, "--set", "trainer.nope.deeper=1"), None, ["trainer.nope.deeper"]),
     ("override-bad-value", lambda ws: training(ws, "--set", "optimizer_q_v.args.lr=-1"), None,
      ["optimizer_q_v.args.lr"]),
@@ -402,3 +418,93 @@ def test_debug_shows_the_traceback(ws, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(test_entry.main, ["-c", str(ws.config), "--device", "cpu", "--debug"])
     assert "pairs.csv" in exit_info.value.code and "Traceback" in capsys.readouterr().err
+
+
+def _nonfinite_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` holding NaN or infinities: NIfTI images and q_v states."""
+    import nibabel as nib
+    import numpy as np
+
+    found = [p for p in folder.rglob("*.nii.gz") if not np.isfinite(np.asanyarray(nib.load(p).dataobj)).all()]
+    for path in folder.rglob("*.epoch*.pt"):
+        state = torch.load(path, weights_only=True)
+        found += [path] if not all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor)) \
+            else []
+    return found
+
+
+@pytest.mark.parametrize("entry, overrides, expected", [
+    ("test", ["optimizer_q_v.args.lr=1e6"], ["q_v inference", "data term", "pair sub-01_sub-0", "iteration",
+                                              "optimizer_q_v.args.lr"]),
+    ("train", ["optimizer_q_v.args.lr=1e6", "trainer.freeze_theta=true"], ["q_v inference", "pair sub-01_sub-0"]),
+    ("train", ["optimizer_q_phi.args.lr=1e6"], ["q_v inference", "pair sub-01_sub-0", "iteration 1",
+                                                 "the metric (theta)"]),
+], ids=["test-q_v-lr", "train-frozen-theta-q_v-lr", "train-theta-lr"])
+def test_non_finite_stops_the_run(entry, overrides, expected, ws, capsys):
+    """A loss that goes NaN stops the run with one line naming the pair, iteration and term; the status is
+    'failed' and no NaN is written as a result (no image, no q_v state, no checkpoint, no summary)."""
+    shutil.rmtree(ws.root / "saved")
+    main = train_entry.main if entry == "train" else test_entry.main
+    argv = ["-c", str(ws.config), "--device", "cpu"] + [arg for item in overrides for arg in ("--set", item)]
+    code, message = run_case(main, argv, capsys)
+    assert isinstance(code, str) and message.startswith("error: ") and "NaN or infinite" in message, message
+    for text in expected:
+        assert text in message, f"{text!r} not in {message!r}"
+    (folder,) = [p for p in (ws.root / "saved").rglob(f"{entry}-*") if p.is_dir()]
+    assert read_status(folder) == {**read_status(folder), "status": "failed", "message": message[len("error: "):]}
+    assert not _nonfinite_files(folder)
+    assert not list(folder.rglob("checkpoint_epoch*.pt")) and not (folder / "summary.json").exists()
+
+
+def test_divergence_is_reported(ws, capsys):
+    """A loss that grows by orders of magnitude (a too large theta lr) is reported as a warning in the log."""
+    shutil.rmtree(ws.root / "saved")
+    train_entry.main(["-c", str(ws.config), "--device", "cpu", "--set", "optimizer_q_phi.args.lr=100"])
+    (log,) = (ws.root / "saved").rglob("train.log")
+    assert "theta/loss" in log.read_text() and "may be diverging" in log.read_text()
+
+
+def test_finite_watch_names_the_first_term_and_pairs():
+    """The earliest non-finite iteration is named, with its term (a component before the loss) and its pairs."""
+    from trainer.finite import TERMS, FiniteWatch, NonFiniteError
+
+    watch = FiniteWatch("q_v inference", ["a", "b", "c"])
+    finite = {key: torch.zeros(3) for key in TERMS}
+    watch.update(1, finite)
+    bad = {**finite, "reg_term": torch.tensor([0.0, float("inf"), float("nan")]),
+           "loss": torch.tensor([0.0, float("inf"), float("nan")])}
+    with pytest.raises(NonFiniteError, match="reg term of pairs b, c became NaN or infinite at iteration 2"):
+        watch.update(2, bad)
+
+
+def test_non_finite_theta_stops_training(ws, capsys, monkeypatch):
+    """theta going NaN in its step stops the run before its checkpoint, naming the step, the pair and the weights."""
+    from trainer.trainer import Trainer
+
+    shutil.rmtree(ws.root / "saved")
+    original = Trainer.theta_step
+
+    def poisoned(self, *args):
+        loss = original(self, *args)
+        next(self.similarity.parameters()).data.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(Trainer, "theta_step", poisoned)
+    code, message = run_case(train_entry.main, ["-c", str(ws.config), "--device", "cpu"], capsys)
+    assert message.startswith("error: training stopped at epoch 1, step 1 (pair sub-01_sub-0"), message
+    assert "the parameters of theta became NaN or infinite" in message and "\n" not in message
+    (folder,) = (ws.root / "saved").rglob("train-*")
+    assert read_status(folder)["status"] == "failed" and not list(folder.rglob("checkpoint_epoch*.pt"))
+
+
+def test_non_finite_voxelmorph_stops_training(tmp_path, capsys):
+    """VoxelMorph training with a far too large lr stops with one line naming the step, the pair and the term."""
+    from tests.demo_config import tiny_vxm_config
+
+    config = tiny_vxm_config(tmp_path)
+    code, message = run_case(train_entry.main, ["-c", str(config), "--device", "cpu", "--set",
+                                                "optimizer.args.lr=1e30"], capsys)
+    assert message.startswith("error: training stopped at epoch 1, step "), message
+    assert "vxm/" in message and "is nan" in message and "\n" not in message
+    (folder,) = (tmp_path / "saved").rglob("train-*")
+    assert read_status(folder)["status"] == "failed" and not list(folder.rglob("checkpoint_epoch*.pt"))

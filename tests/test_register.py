@@ -542,3 +542,23 @@ def test_pretrained_voxelmorph_by_name(tmp_path, demo_pair, monkeypatch):
                    "--device", "cpu"])
     assert json.loads((out / registration.CONFIG).read_text())["model"]["type"] == "VxmDense"
     assert (out / registration.DISPLACEMENT_ITK).is_file()
+
+
+def test_a_non_finite_registration_is_not_a_result(tmp_path, demo_pair):
+    """q_v going NaN (a far too large lr) fails with the pair, iteration and term named, and writes nothing."""
+    with pytest.raises(ValueError, match=r"q_v inference: the .* of pair .*moving_im.* became NaN or infinite at "
+                                         r"iteration \d+ \(is optimizer_q_v.args.lr 1e\+06 too large\?\)"):
+        register.main([*pair_args(demo_pair), "-o", str(tmp_path / "out"), *FAST, "--affine", "none",
+                       "--set", "optimizer_q_v.args.lr=1e6"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_refuses_a_non_finite_displacement_field(tmp_path, demo_pair):
+    field = sitk.Image([SIZE] * 3, sitk.sitkVectorFloat32, 3)
+    field.SetPixel([1, 2, 3], [0.0, float("nan"), 0.0])
+    sitk.WriteImage(field, str(tmp_path / "nan_warp.mha"))
+    with pytest.raises(ValueError, match="nan_warp.mha: the displacement field holds NaN or infinite values"):
+        register.main(["apply", "--transform", str(tmp_path / "nan_warp.mha"), "--image",
+                       str(demo_pair["moving_im"]), "--reference", str(demo_pair["fixed_im"]), "-o",
+                       str(tmp_path / "out.nii.gz")])
+    assert not (tmp_path / "out.nii.gz").exists()

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from trainer.build import batch_seed, build_dataset, build_labels, build_loader
 from trainer.checkpoint import is_pretrained_model, save_run_checkpoint
+from trainer.finite import DivergenceGuard, NonFiniteError, describe_pairs, first_nonfinite, nonfinite_parameters
 from trainer.monitor import TrainingMonitor
 from trainer.run_folder import get_logger
 from utils.config import RunConfig
@@ -51,6 +52,10 @@ class BaseTrainer:
 
     def train_batch(self, batch: dict, epoch: int, index: int) -> dict[str, float]:
         """One optimisation step on a batch (already seeded); returns the rank-averaged scalars to log."""
+        raise NotImplementedError
+
+    def checked_modules(self) -> dict[str, nn.Module]:
+        """The modules that a step trains, by name for messages: their parameters must stay finite."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -87,7 +92,7 @@ class BaseTrainer:
         self.monitor = TrainingMonitor(self.writer, self.config, self.context, self.labels)
         for note in self.notes:
             self.logger.info(note)
-        last = None
+        last, divergence = None, DivergenceGuard()
         for epoch in range(self.start_epoch, self.config.trainer.no_epochs + 1):
             self.loader.sampler.set_epoch(epoch)
             bar = tqdm(self.loader, desc=f"epoch {epoch}/{self.config.trainer.no_epochs}",
@@ -96,6 +101,9 @@ class BaseTrainer:
                 self.seed_batch(epoch, index)
                 values = self.train_batch(batch, epoch, index)
                 self.step += 1
+                self.check_finite(values, batch, epoch)
+                for message in divergence(values):
+                    self.logger.warning("step %d: %s", self.step, message)
                 bar.set_postfix({key: f"{values[key]:.4g}" for key in self.progress_keys})
                 if self.writer is not None:
                     for key, value in values.items():
@@ -105,6 +113,19 @@ class BaseTrainer:
         if self.writer is not None:
             self.writer.close()
         return last
+
+    def check_finite(self, values: dict[str, float], batch: dict, epoch: int) -> None:
+        """Stop the run, before anything of this step is saved, when a logged loss or a trained parameter is NaN or
+        infinite (one read of the device per batch); the last checkpoint stays the last good one."""
+        where = f"training stopped at epoch {epoch}, step {self.step} ({describe_pairs(batch['pair_id'])})"
+        key = first_nonfinite(values)
+        if key is not None:
+            raise NonFiniteError(f"{where}: {key} is {values[key]}; is a learning rate too large?")
+        for name, module in self.checked_modules().items():
+            bad = nonfinite_parameters(module)
+            if bad:
+                raise NonFiniteError(f"{where}: the parameters of {name} became NaN or infinite ({', '.join(bad)}); "
+                                     f"is a learning rate too large?")
 
     def _checkpoint(self, epoch: int) -> Path:
         """Checkpoint on rank 0 (atomically), then drop the previous one; every rank waits for it. The epochs of

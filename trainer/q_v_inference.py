@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from model.energy import Energy
-from model.variational import QV
+from model.variational import Q_V_KEYS, QV
+from trainer.finite import FiniteWatch, check_pairs_finite
 from utils.config import QVPyramid, QVTestConfig
 from utils.pyramid import downsample_image, downsample_mask, level_shapes
 
@@ -63,8 +64,8 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor,
             no_iters: int, lr: float, progress: bool = False, log_period: int = 0,
             log=None, flush_denormal: bool = True, cuda_graph: bool = False,
-            compile_loss: bool = False, converged: Callable[[int, dict[str, torch.Tensor]], bool] | None = None
-            ) -> dict[str, torch.Tensor]:
+            compile_loss: bool = False, converged: Callable[[int, dict[str, torch.Tensor]], bool] | None = None,
+            pair_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Optimise q_v in place; returns the per-pair terms of the last iteration.
 
     As in the reference, Adam is created anew for every batch. ``log(iteration, terms)`` is called every
@@ -91,15 +92,21 @@ def fit_q_v(energy: Energy, q_v: QV, fixed: torch.Tensor, moving: torch.Tensor, 
         return step_terms
 
     step = _graphed_iteration(iteration_step) if use_graph else iteration_step
+    hint = f" (is optimizer_q_v.args.lr {lr:g} too large?)"
+    watch = FiniteWatch("q_v inference", pair_ids, hint, ", before any step of q_v: the metric (theta) or the "
+                                                         "images give it")
     terms: dict[str, torch.Tensor] = {}
     with frozen(energy.similarity), denormals_flushed(flush_denormal and moving.device.type == "cpu"):
         # disable=None: a progress bar only when stderr is a terminal (no cursor codes in redirected logs)
         for iteration in tqdm(range(1, no_iters + 1), desc="q_v", leave=False, disable=None if progress else True):
             terms = step()
+            watch.update(iteration, terms)
             if log is not None and log_period and iteration % log_period == 0:
                 log(iteration, terms)
             if converged is not None and converged(iteration, terms):
                 break
+    watch.check()
+    check_pairs_finite({f"q_v's {key}": getattr(q_v, key) for key in Q_V_KEYS}, "q_v inference", pair_ids, hint)
     return {k: t.clone() for k, t in terms.items()} if use_graph else terms
 
 

@@ -31,6 +31,7 @@ from trainer.build import build_energy, build_similarity
 from trainer.checkpoint import (holds_voxelmorph, is_pretrained_model, load_checkpoint, load_similarity,
                                 load_voxelmorph, similarity_from_checkpoint)
 from trainer.evaluation import ROW_FIELDS, RunningMoments, metric_rows, sample_displacements, voxel_spacing
+from trainer.finite import check_pairs_finite
 from trainer.pair_inputs import ImageInput, PairInputs, describe, image_like
 from trainer.pretrained import resolve_checkpoint
 from trainer.q_v_inference import infer_q_v, infer_q_v_pyramid
@@ -282,6 +283,7 @@ def register(fixed: ImageInput, moving: ImageInput, *, fixed_mask: ImageInput | 
 
     nonrigid_start = time.perf_counter()
     torch.manual_seed(config.seed)
+    pair_ids = [f"{describe(moving)} to {describe(fixed)}"]
     extra: dict = {}
     if network is not None:
         with torch.no_grad():
@@ -289,7 +291,8 @@ def register(fixed: ImageInput, moving: ImageInput, *, fixed_mask: ImageInput | 
             mean, inverse = output.displacement, network.integrate(-output.velocity)
         samples_iter = []
     else:
-        mean, inverse, samples_iter, extra = _q_v(config, loaded, fixed_t, moving_t, mask_t, progress)
+        mean, inverse, samples_iter, extra = _q_v(config, loaded, fixed_t, moving_t, mask_t, progress, pair_ids)
+    check_pairs_finite({"the transformation": mean, "its inverse": inverse}, "registration", pair_ids)
     nonrigid_seconds = time.perf_counter() - nonrigid_start
 
     warp, inverse_warp = _field_image(mean, inputs, working_dims), _field_image(inverse, inputs, working_dims)
@@ -326,9 +329,9 @@ def _method_name(config: RunConfig, checkpoint: dict | None, network: VxmDense |
 
 
 def _q_v(config: QVTestConfig, checkpoint: dict | None, fixed: torch.Tensor, moving: torch.Tensor,
-         mask: torch.Tensor, progress: bool):
+         mask: torch.Tensor, progress: bool, pair_ids: Sequence[str]):
     """q_v inference on the working grid: (posterior-mean displacement, its inverse, sampled displacements, extra
-    summary entries), displacements (1, 3, *dims) in voxels."""
+    summary entries), displacements (1, 3, *dims) in voxels; ``pair_ids`` names the pair in errors."""
     if checkpoint is not None and is_pretrained_model(checkpoint):  # it brings its own metric
         similarity = similarity_from_checkpoint(checkpoint, checkpoint["source"], config.trainer.channels_last)
     else:
@@ -338,10 +341,11 @@ def _q_v(config: QVTestConfig, checkpoint: dict | None, fixed: torch.Tensor, mov
     energy = build_energy(config, similarity).to(fixed.device)
     extra = {}
     if config.trainer.q_v_pyramid is not None:
-        q_v, _, levels = infer_q_v_pyramid(energy, fixed, moving, mask, config, progress=progress)
+        q_v, _, levels = infer_q_v_pyramid(energy, fixed, moving, mask, config, progress=progress,
+                                           pair_ids=pair_ids)
         extra["q_v_levels"] = levels
     else:
-        q_v, _ = infer_q_v(energy, fixed, moving, mask, config, progress=progress)
+        q_v, _ = infer_q_v(energy, fixed, moving, mask, config, progress=progress, pair_ids=pair_ids)
         extra["q_v_levels"] = [{"shape": list(fixed.shape[2:]), "iterations": config.trainer.no_iters_q_v}]
     with torch.no_grad():
         mean, inverse = energy.displacement(q_v.mu), energy.displacement(-q_v.mu)  # exp(S(mu)), exp(-S(mu))

@@ -31,6 +31,7 @@ from trainer.build import (batch_seed, build_dataset, build_energy, build_labels
 from trainer.checkpoint import is_pretrained_model, load_similarity, similarity_from_checkpoint
 from trainer.evaluation import (ROW_FIELDS, RunningMoments, format_table, mean_displacement, metric_rows,
                                 sample_displacements, summarise, voxel_spacing)
+from trainer.finite import check_pairs_finite
 from trainer.q_v_inference import infer_q_v
 from trainer.run_folder import get_logger
 from utils.compare import by_structure
@@ -211,6 +212,7 @@ class BaseTester:
         for index, batch in enumerate(bar):
             start = time.perf_counter()
             mean, samples = self.register_batch(batch, index)
+            check_pairs_finite({"the transformation": mean}, "registration", batch["pair_id"])
             synchronize(self.context.device)
             elapsed = time.perf_counter() - start
             seconds, registered = seconds + elapsed, registered + len(batch["pair_id"])
@@ -297,7 +299,7 @@ class Tester(BaseTester):
         device = self.context.device
         fixed, moving = to_device(batch["fixed"], device), to_device(batch["moving"], device)
         q_v, _ = infer_q_v(self.energy, fixed["im"], moving["im"], fixed["mask"], self.config,
-                           progress=self.context.is_main)
+                           progress=self.context.is_main, pair_ids=batch["pair_id"])
         return q_v
 
     def register_batch(self, batch: dict, index: int) -> tuple[torch.Tensor, Iterable[torch.Tensor]]:

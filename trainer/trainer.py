@@ -55,6 +55,9 @@ class Trainer(BaseTrainer):
             self.notes.append("q_v reset")
         self.step_module = distributed(self.theta_loss, context)
 
+    def checked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"theta": self.similarity, "q_f": self.q_f}
+
     def state(self) -> dict:
         return metric_state(self.similarity, self.q_f, self.optimizer_theta, self.optimizer_q_f)
 
@@ -84,7 +87,8 @@ class Trainer(BaseTrainer):
         fresh = epoch <= self.fresh_q_v_epoch
         states = [None if fresh else self.store.load(pid, epoch, shape) for pid in batch["pair_id"]]
         q_v, terms = infer_q_v(self.energy, fixed["im"], moving["im"], fixed["mask"], self.config, states,
-                               progress=self.context.is_main, no_iters=self._no_iters_q_v(epoch))
+                               progress=self.context.is_main, no_iters=self._no_iters_q_v(epoch),
+                               pair_ids=batch["pair_id"])
         for i, pid in enumerate(batch["pair_id"]):
             self.store.save(pid, epoch, q_v.state(i))
         self.monitor.after_q_v(batch, q_v, self.energy, self.q_f, step=self.step + 1)

@@ -59,6 +59,9 @@ class VxmTrainer(BaseTrainer):
             self.resume(checkpoint)
         self.step_module = distributed(self.model, context)
 
+    def checked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"the VoxelMorph network": self.model}
+
     def state(self) -> dict:
         return vxm_state(self.model, self.optimizer)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,25 @@ PRETRAINED_PREFIX = "pretrained:"  # a checkpoint named by the pretrained-model 
 
 class ConfigError(ValueError):
     """A config that cannot be used, with the file and key path in the message."""
+
+
+MAX_DEPTH = 16  # blocks nested deeper than this are no config of ours (the deepest has 4 levels)
+
+
+def check_values(data: Any, where: str = "") -> None:
+    """Fail, naming the key path, on a number that is not finite (Infinity, NaN, 1e400 read as inf) anywhere in a
+    config dict, free-form blocks included, or on blocks nested deeper than MAX_DEPTH; walked without recursion."""
+    stack = [(data, where, 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path or 'the config'}: {value!r} is not a finite number")
+        items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ())
+        if items and depth >= MAX_DEPTH:
+            raise ConfigError(f"{path}: blocks nested more than {MAX_DEPTH} deep")
+        for key, item in items:
+            stack.append((item, f"{path}[{key}]" if isinstance(value, list) else
+                          f"{path}.{key}" if path else str(key), depth + 1))
 
 
 def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, key: str | None = None,
@@ -641,6 +661,7 @@ def parse_config(data: dict, base: Path, source: str = "<dict>", mode: str | Non
     """Validate a config dict against the schema of its kind (``config_kind``); relative paths resolve against
     ``base``."""
     try:
+        check_values(data)
         kind = config_kind(data, mode)
         config = _parse_section(kind, data, "", base)
         _resolve_data_files(config)
@@ -662,4 +683,8 @@ def load_config(path: str | Path, overrides: list[str] = (), mode: str | None = 
         raise ConfigError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        check_values(data)  # before the overrides copy it
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     return parse_config(apply_overrides(data, list(overrides)), path.resolve().parent, str(path), mode)

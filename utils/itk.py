@@ -106,6 +106,8 @@ def read_displacement_transform(path: PathLike) -> sitk.DisplacementFieldTransfo
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
         raise ValueError(f"{path}: expected a 3D displacement field with 3 components per voxel, got a "
                          f"{field.GetDimension()}D image with {field.GetNumberOfComponentsPerPixel()} component(s)")
+    if not np.isfinite(sitk.GetArrayViewFromImage(field)).all():
+        raise ValueError(f"{path}: the displacement field holds NaN or infinite values, it is not a transform")
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
