@@ -14,6 +14,7 @@ a command line for trainer.registration.register.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from trainer.registration import (AFFINE, CONFIG, DET_JACOBIAN, DISPLACEMENT_ITK
 from trainer.registration_config import DEFAULT_METRIC, DEFAULT_MODEL, METRICS, MODELS, SCHEDULES
 from utils.affine import AFFINE_METRICS
 from utils.config import ConfigError
+from utils.io import exclusive_lock
 
 OUTPUTS = (WARPED_IM, WARPED_SEG, AFFINE, WARP, INVERSE_WARP, DISPLACEMENT_ITK, DISPLACEMENT_STD, DET_JACOBIAN,
            METRICS_CSV, SUMMARY, CONFIG)
@@ -106,6 +108,14 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--output-prefix {prefix}: {taken[0]} exists; choose another prefix or remove it")
 
 
+def output_lock(args: argparse.Namespace) -> Path:
+    """The lock file of an output folder or prefix: hidden, in the nearest folder that exists already (so that no
+    folder is made before the run), named after the output."""
+    target = Path(os.path.abspath(output_prefix(args)))
+    folder = next(parent for parent in target.parents if parent.is_dir())
+    return folder / f".register-{hashlib.sha256(str(target).encode()).hexdigest()[:16]}.lock"
+
+
 def save_atomically(result, args: argparse.Namespace) -> None:
     """Write the outputs into a hidden folder, then move them into place: a failed or interrupted run leaves
     nothing behind."""
@@ -142,13 +152,16 @@ def main(argv: list[str] | None = None) -> str:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     check_outputs(args)
-    print(f"registering {args.moving} to {args.fixed}", flush=True)
-    result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, fixed_seg=args.fixed_seg,
-                      moving_seg=args.moving_seg, affine=args.affine, initial_transform=args.initial_transform,
-                      checkpoint=args.checkpoint, metric=args.metric, model=args.model, schedule=args.schedule,
-                      dims=args.dims, iterations=args.iterations, samples=args.samples, structures=args.structures,
-                      device=args.device, overrides=args.set, progress=True)
-    save_atomically(result, args)
+    # one process per output for the whole run (a second one is refused before it registers); checked again under it
+    with exclusive_lock(output_lock(args), f"output {output_prefix(args)}"):
+        check_outputs(args)
+        print(f"registering {args.moving} to {args.fixed}", flush=True)
+        result = register(args.fixed, args.moving, fixed_mask=args.fixed_mask, fixed_seg=args.fixed_seg,
+                          moving_seg=args.moving_seg, affine=args.affine, initial_transform=args.initial_transform,
+                          checkpoint=args.checkpoint, metric=args.metric, model=args.model, schedule=args.schedule,
+                          dims=args.dims, iterations=args.iterations, samples=args.samples,
+                          structures=args.structures, device=args.device, overrides=args.set, progress=True)
+        save_atomically(result, args)
     summary = result.summary
     levels = ", ".join(f"{'x'.join(map(str, level['shape']))}: {level['iterations']}"
                        for level in summary.get("q_v_levels", []))

@@ -508,3 +508,40 @@ def test_non_finite_voxelmorph_stops_training(tmp_path, capsys):
     assert "vxm/" in message and "is nan" in message and "\n" not in message
     (folder,) = (tmp_path / "saved").rglob("train-*")
     assert read_status(folder)["status"] == "failed" and not list(folder.rglob("checkpoint_epoch*.pt"))
+
+
+# a resume that holds its run folder: it stops in its first batch until it is killed
+HOLDING_RESUME = """
+import sys, time
+import train
+from trainer.cli import run
+from trainer.trainer import Trainer
+
+def hold(self, *args):
+    print("training", flush=True)
+    time.sleep(600)
+
+Trainer.train_batch = hold
+run(train.main, sys.argv[1:])
+"""
+
+
+def test_one_process_per_run_folder(ws, capsys):
+    """Two resumes of one checkpoint at once: the second is refused with the first's PID, and changes nothing;
+    after the first is killed (kill -9), a resume takes the folder over and finishes."""
+    run_folder = ws.run
+    argv = ["-r", str(ws.checkpoint), "--device", "cpu", "--set", "trainer.no_epochs=2"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_RESUME, *argv], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert any(line.strip() == "training" for line in holder.stdout), "the first resume did not start"
+        status, q_v = read_status(run_folder), snapshot(run_folder / "q_v")
+        code, message = run_case(train_entry.main, [*argv, "--reset-q-v"], capsys)
+        assert message.startswith("error: run folder ") and f"in use by another process (PID {holder.pid}" in message
+        assert "\n" not in message and read_status(run_folder) == status and snapshot(run_folder / "q_v") == q_v
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_entry.main(argv) == run_folder / "checkpoints" / "checkpoint_epoch2.pt"
+    assert read_status(run_folder)["status"] == "finished" and not (run_folder / "run.lock").exists()

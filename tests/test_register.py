@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -562,3 +563,15 @@ def test_apply_refuses_a_non_finite_displacement_field(tmp_path, demo_pair):
                        str(demo_pair["moving_im"]), "--reference", str(demo_pair["fixed_im"]), "-o",
                        str(tmp_path / "out.nii.gz")])
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_one_process_per_output(tmp_path, demo_pair):
+    """A registration into an output that another process is registering into is refused before it starts."""
+    from utils.io import LockedError, exclusive_lock
+
+    argv = [*pair_args(demo_pair), "-o", str(tmp_path / "out"), *FAST]
+    with exclusive_lock(register.output_lock(register.parse_args(argv)), "held"):
+        with pytest.raises(LockedError, match=f"output {tmp_path / 'out'}/ is in use by another process "
+                                              f"\\(PID {os.getpid()}"):
+            register.main(argv)
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,8 @@
 """Run folders: ``<save_dir>/<name>/<mode>-<timestamp>/`` with the resolved config, status, checkpoints, q_v, logs.
 
 A folder is created only once its run has been checked and can start. ``status.json`` says what became of the
-run: ``running`` (also what a killed run leaves), ``failed`` with the error message, or ``finished``.
+run: ``running`` (also what a killed run leaves), ``failed`` with the error message, or ``finished``. One process
+works in a run folder at a time: it holds ``run.lock`` for the life of the run (``utils.io.exclusive_lock``).
 """
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
 from trainer.checkpoint import CheckpointError
 from trainer.cli import error_message
 from utils.distributed import Context, barrier, broadcast_object
-from utils.io import TMP_PREFIX, atomic_write_text
+from utils.io import TMP_PREFIX, atomic_write_text, exclusive_lock
 
 STATUS_FILE = "status.json"
+LOCK_FILE = "run.lock"
 _CHECKPOINT_NAME = re.compile(r"checkpoint_epoch\d+\.pt")
 
 
@@ -84,32 +86,52 @@ def remove_stale_temporaries(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _open_run_folder(folder: Path, resumed: bool, lock: ExitStack) -> None:
+    """Create the run folder (or reopen a resumed one) and take its lock into ``lock``; a resumed run then removes
+    what a killed run left."""
+    if not resumed:
+        Path(folder).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(folder).mkdir()
+        except FileExistsError:
+            raise FileExistsError(f"run folder {folder} was made by another run meanwhile; start again") from None
+    lock.enter_context(exclusive_lock(Path(folder) / LOCK_FILE, f"run folder {folder}"))
+    if resumed:
+        remove_stale_temporaries(folder)
+
+
 @contextmanager
 def started_run(folder: Path, config: dict, context: Context, resumed: bool = False) -> Iterator[Path]:
-    """Create the run folder (or reopen a resumed one), write config.json and status 'running'; at the end of
-    the block the status is 'finished', or 'failed' with the error's message (rank 0 writes)."""
-    if context.is_main:
-        if resumed:
-            remove_stale_temporaries(folder)
-        else:
-            Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    """Create the run folder (or reopen a resumed one) and hold its lock, write config.json and status 'running';
+    at the end of the block the status is 'finished', or 'failed' with the error's message (rank 0 writes).
+
+    A run folder in which another process works (a second resume of a checkpoint, a resume of a running run) is
+    refused, on every rank, with the holder's PID named."""
+    with ExitStack() as lock:
+        error = None
+        if context.is_main:
             try:
-                Path(folder).mkdir()
-            except FileExistsError:
-                raise FileExistsError(f"run folder {folder} was made by another run meanwhile; start again") from None
-    try:
+                _open_run_folder(folder, resumed, lock)
+            except (OSError, ValueError) as caught:
+                error = caught
+        problem = broadcast_object(error_message(error) if error is not None else None, context)
+        if error is not None:
+            raise error
+        if problem is not None:
+            raise ValueError(f"rank 0 cannot start the run: {problem}")
+        try:
+            if context.is_main:
+                write_status(folder, "running")
+                write_config(folder, config)
+            barrier(context)
+            yield Path(folder)
+        except BaseException as failure:
+            if context.is_main:
+                with suppress(OSError):  # a full disk must not hide the error itself
+                    write_status(folder, "failed", error_message(failure))
+            raise
         if context.is_main:
-            write_status(folder, "running")
-            write_config(folder, config)
-        barrier(context)
-        yield Path(folder)
-    except BaseException as error:
-        if context.is_main:
-            with suppress(OSError):  # a full disk must not hide the error itself
-                write_status(folder, "failed", error_message(error))
-        raise
-    if context.is_main:
-        write_status(folder, "finished")
+            write_status(folder, "finished")
 
 
 class _FileHandler(logging.FileHandler):

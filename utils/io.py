@@ -5,6 +5,7 @@ stored: nothing is ever reoriented. Every error message names the file it is abo
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from contextlib import contextmanager
@@ -19,6 +20,44 @@ PathLike = str | os.PathLike
 KINDS = ("image", "mask", "seg")
 NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
 TMP_PREFIX = ".tmp-"  # temporary files of atomic writes; a run removes stale ones from its own folder
+
+
+class LockedError(ValueError):
+    """A folder or output that another process is working in."""
+
+
+@contextmanager
+def exclusive_lock(path: PathLike, what: str) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on the file ``path`` for the duration, with this process's PID in it;
+    the file is removed at the end. ``what`` names what the lock guards in the error.
+
+    Raises LockedError naming the holder's PID while another process holds the lock. The kernel releases a lock
+    when its process dies, so the lock of a killed process (its file stays) is simply taken over.
+    """
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{what} is in use by another process (PID {holder}, lock {path}); wait for it to "
+                              f"end or stop it") from None
+        try:  # the previous holder may have removed the file after we opened it: then lock the new one
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it, so that no other process locks the removed file
+        os.close(fd)
 
 
 def first_line(error: BaseException) -> str:
