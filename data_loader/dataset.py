@@ -74,12 +74,14 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     """Parse a pairs CSV: no header, one ``fixed,moving`` pair of IDs per line; blank lines are skipped.
 
     IDs are folder names under the data path and parts of output file names, so each must be a plain name (no
-    path separator, no leading '.'), and two different pairs must not share a pair ID.
+    path separator, no leading '.'); two different pairs must not share a pair ID, and no pair is listed twice (it
+    would be registered twice into the same outputs, or trained on twice per epoch). A UTF-8 byte order mark is
+    skipped.
     """
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     pairs, seen = [], {}
@@ -95,6 +97,9 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
                 raise ValueError(f"{path}, line {line_no}: subject ID {subject!r} {problem}")
         pair = (fields[0], fields[1])
         first = seen.setdefault(pair_id(*pair), (pair, line_no))
+        if first[0] == pair and first[1] != line_no:
+            raise ValueError(f"{path}, line {line_no}: pair {','.join(pair)} is listed again (first on line "
+                             f"{first[1]})")
         if first[0] != pair:
             raise ValueError(f"{path}, line {line_no}: pair {','.join(pair)} has the same pair ID "
                              f"{pair_id(*pair)!r} as {','.join(first[0])} on line {first[1]}")

@@ -231,6 +231,22 @@ def raw_value(key: str, text: str, entry=training) -> Callable:
     return case
 
 
+def config_text(change: Callable[[str], str | bytes], entry=training) -> Callable:
+    """A case whose config file is the workspace config's JSON text changed by ``change``."""
+    def case(ws: Workspace):
+        text = change(ws.config.read_text())
+        ws.config.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return entry(ws)
+    return case
+
+
+def nested(depth: int) -> dict:
+    block = {}
+    for _ in range(depth):
+        block = {"k": block}
+    return block
+
+
 def pairs_line(text: str, entry=training) -> Callable:
     return lambda ws: (ws.pairs(text), entry(ws))[1]
 
@@ -284,6 +300,29 @@ CASES = [
      ["config.json", "model.args.activation.args.negative_slope", "not a finite number"]),
     ("override-infinity", lambda ws: training(ws, "--set", "reg_loss.args.w_reg=Infinity"), None,
      ["reg_loss.args.w_reg", "not a finite number"]),
+    ("duplicate-key", config_text(lambda t: t.replace('"no_epochs": 1', '"no_epochs": 1, "no_epochs": 2')), None,
+     ["config.json", "trainer.no_epochs", "more than once"]),
+    ("data_loss-args-unknown", edited("data_loss.args", {"s": 2}), None,
+     ["config.json", "data_loss.args.s", "unknown key"]),
+    ("entropy_loss-unknown-type", edited("entropy_loss", {"type": "Gaussian"}), None,
+     ["config.json", "entropy_loss.type", "'Gaussian'", "EntropyMultivariateNormal"]),
+    ("registration_module-args-unknown", edited("registration_module", {"type": "RegistrationModule",
+                                                                         "args": {"x": 1}}), None,
+     ["registration_module.args.x", "unknown key"]),
+    ("negative_slope-string", edited("model.args.activation.args", {"negative_slope": "abc"}), None,
+     ["config.json", "model.args.activation.args.negative_slope", "expected a number"]),
+    ("negative_slope-null", edited("model.args.activation.args", {"negative_slope": None}, registering), None,
+     ["model.args.activation.args.negative_slope", "expected a number"]),
+    ("nested-too-deep", edited("trainer.extra", nested(900)), None, ["config.json", "trainer.extra.k", "nested"]),
+    ("nested-beyond-python", config_text(lambda t: t[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}"), None,
+     ["config.json", "nested"]),
+    ("config-too-large", config_text(lambda t: t[:-1] + ', "x": "' + "a" * (1 << 20) + '"}'), None,
+     ["config.json", "too large"]),
+    ("string-too-long", edited("model.args.activation.args", {"negative_slope": "a" * 5000}), None,
+     ["config.json", "model.args.activation.args.negative_slope", "5000 characters"]),
+    ("config-not-utf8", config_text(lambda t: t.replace('"name": "', '"name": "\udcff').encode("utf-8",
+                                                                                             "surrogateescape")),
+     None, ["config.json", "UTF-8"]),
     ("override-not-a-block", lambda ws: training(ws, "--set", "trainer.nope.deeper=1"), None, ["trainer.nope.deeper"]),
     ("override-bad-value", lambda ws: training(ws, "--set", "optimizer_q_v.args.lr=-1"), None,
      ["optimizer_q_v.args.lr"]),
@@ -296,6 +335,9 @@ CASES = [
     ("pairs-not-utf8", pairs_line(b"sub-01,sub-0\xff2\n", registering), None, ["pairs.csv", "UTF-8"]),
     ("pairs-three-fields", pairs_line("sub-01,sub-02,sub-03\n", registering), None, ["pairs.csv", "line 1"]),
     ("pairs-empty", pairs_line("\n", registering), None, ["pairs.csv", "no pairs"]),
+    ("pairs-duplicate", pairs_line("sub-01,sub-02\nsub-01,sub-03\n\nsub-01, sub-02\n", registering), None,
+     ["pairs.csv", "line 4", "sub-01,sub-02 is listed again", "line 1"]),
+    ("pairs-duplicate-train", pairs_line("sub-01,sub-02\nsub-01,sub-02\n"), None, ["pairs.csv", "line 2"]),
     ("pairs-colliding-ids", colliding_pair_ids, None, ["pairs.csv", "line 2", "same pair ID"]),
     ("subject-missing", pairs_line("sub-01,sub-09\n", registering), None, ["sub-09"]),
     ("image-missing", lambda ws: ((ws.data / "sub-03" / "im.nii.gz").unlink(), registering(ws))[1], None,
@@ -545,3 +587,14 @@ def test_one_process_per_run_folder(ws, capsys):
         holder.wait()
     assert train_entry.main(argv) == run_folder / "checkpoints" / "checkpoint_epoch2.pt"
     assert read_status(run_folder)["status"] == "finished" and not (run_folder / "run.lock").exists()
+
+
+def test_byte_order_marks_are_skipped(ws):
+    """A config and a pairs file saved with a UTF-8 byte order mark (as some editors do) read as without one."""
+    from data_loader.dataset import read_pairs
+    from utils.config import load_config
+
+    ws.pairs("\ufeffsub-01,sub-02\n")
+    assert read_pairs(ws.data / "pairs.csv") == [("sub-01", "sub-02")]
+    ws.config.write_bytes(b"\xef\xbb\xbf" + ws.config.read_bytes())
+    assert load_config(ws.config).name == json.loads(ws.config.read_text(encoding="utf-8-sig"))["name"]

@@ -33,16 +33,42 @@ class ConfigError(ValueError):
 
 
 MAX_DEPTH = 16  # blocks nested deeper than this are no config of ours (the deepest has 4 levels)
+MAX_CONFIG_BYTES = 1 << 20  # our configs are a few kB; a larger file would be copied into every checkpoint
+MAX_STRING = 4096  # the longest path most systems take (PATH_MAX)
+
+
+class _Block(dict):
+    """A JSON object as read, which held ``duplicates``: keys given more than once (JSON keeps the last silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _block(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` of json.loads: the object, a plain dict unless it held a key twice (then marked, and
+    ``check_values`` names the key)."""
+    block = dict(pairs)
+    if len(block) == len(pairs):
+        return block
+    keys = [key for key, _ in pairs]
+    marked = _Block(block)
+    marked.duplicates = tuple(key for key in block if keys.count(key) > 1)
+    return marked
 
 
 def check_values(data: Any, where: str = "") -> None:
     """Fail, naming the key path, on a number that is not finite (Infinity, NaN, 1e400 read as inf) anywhere in a
-    config dict, free-form blocks included, or on blocks nested deeper than MAX_DEPTH; walked without recursion."""
+    config dict, free-form blocks included, on a key given twice in one block, on a string longer than MAX_STRING,
+    or on blocks nested deeper than MAX_DEPTH; walked without recursion."""
     stack = [(data, where, 0)]
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path or 'the config'}: {value!r} is not a finite number")
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise ConfigError(f"{path}: a string of {len(value)} characters (at most {MAX_STRING})")
+        if getattr(value, "duplicates", ()):
+            key = value.duplicates[0]
+            raise ConfigError(f"{f'{path}.' if path else ''}{key}: the key is given more than once in its block")
         items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ())
         if items and depth >= MAX_DEPTH:
             raise ConfigError(f"{path}: blocks nested more than {MAX_DEPTH} deep")
@@ -106,6 +132,10 @@ class Activation(Section):
     def check(self, where: str) -> None:
         if set(self.args) - {"negative_slope"}:
             raise ConfigError(f"{where}.args: only 'negative_slope' is supported, got {sorted(self.args)}")
+        slope = self.args.get("negative_slope", 0.2)
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+            raise ConfigError(f"{where}.args.negative_slope: expected a number, got {type(slope).__name__} "
+                              f"{slope!r}")
 
 
 @dataclass
@@ -172,15 +202,30 @@ class ThetaLoss(Section):
 
 
 @dataclass
-class TypeOnly(Section):
-    type: str
-    args: dict = field(default_factory=dict)
+class NoArgs(Section):
+    """The args of a block that takes none: an empty object, or none at all."""
+
+
+@dataclass
+class EntropyLoss(Section):
+    """Kept so that the reference's files load: the entropy of q_v is the low-rank Gaussian's, always."""
+
+    type: Literal["EntropyMultivariateNormal"]
+    args: NoArgs = field(default_factory=NoArgs)
+
+
+@dataclass
+class RegistrationModule(Section):
+    """Kept so that the reference's files load: one registration module, always."""
+
+    type: Literal["RegistrationModule"]
+    args: NoArgs = field(default_factory=NoArgs)
 
 
 @dataclass
 class DataLoss(Section):
     type: Literal["SSD", "LCC"]
-    args: dict = field(default_factory=dict)
+    args: NoArgs = field(default_factory=NoArgs)
 
 
 @dataclass
@@ -386,8 +431,8 @@ class QVTestConfig(RunConfig):
     q_f: Optional[QF] = None
     optimizer_q_f: Optional[Optimizer] = None
     optimizer_q_phi: Optional[Optimizer] = None
-    entropy_loss: Optional[TypeOnly] = None
-    registration_module: Optional[TypeOnly] = None
+    entropy_loss: Optional[EntropyLoss] = None
+    registration_module: Optional[RegistrationModule] = None
     theta_loss: Optional[ThetaLoss] = None
 
     def check(self, where: str) -> None:
@@ -677,10 +722,17 @@ def load_config(path: str | Path, overrides: list[str] = (), mode: str | None = 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8-sig"), object_pairs_hook=_block)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: blocks nested more than {MAX_DEPTH} deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     try:
