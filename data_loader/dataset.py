@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_loader.geometry import resample_to_working, working_affine
-from data_loader.images import read_image, read_image_header, resample_to_grid
+from data_loader.images import check_integrity, read_image, read_image_header, resample_to_grid
 from utils.io import PathLike, name_problem, relative_path_problem
 
 # the 15 evaluation structures of the paper, FreeSurfer label ids (names as in the project's labels.json files)
@@ -173,7 +173,8 @@ class PairDataset(Dataset):
             raise ValueError(f"dims must be 3 sizes >= 2, got {tuple(dims)}")
 
     def _index_subjects(self) -> dict[str, SubjectFiles]:
-        """Check that every listed file exists and every header is a consistent 3D image; read the geometry."""
+        """Check that every listed file exists, passes its CRC check when compressed, and has the header of a
+        consistent 3D image with a usable affine; read the geometry."""
         ids = list(dict.fromkeys(subject for pair in self.pairs for subject in pair))
         filenames = [name for name in (self.im_filename, self.mask_filename, self.seg_filename) if name]
         missing = []
@@ -201,6 +202,9 @@ class PairDataset(Dataset):
                         if other_shape != shape:
                             raise ValueError(f"{files[key]}: {key} shape {other_shape} differs from image "
                                              f"shape {shape} of {files['im']}")
+                for path in files.values():
+                    if path is not None:
+                        check_integrity(path)
             except ValueError as exc:
                 problems.append(str(exc))
                 continue

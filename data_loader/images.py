@@ -15,11 +15,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from utils.io import PathLike, atomic_write, check_voxels, load_nifti, read_nifti_header, save_nifti, spatial_shape
+from utils.io import (PathLike, atomic_write, check_affine, check_gzip, check_voxels, load_nifti, read_nifti_header,
+                      save_nifti, spatial_shape)
 from utils.itk import affine_from_itk, image_from_array
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MGH_SUFFIXES = (".mgz", ".mgh")
+GZIP_SUFFIXES = (".gz", ".mgz")  # gzip streams, whose CRC is checked before their voxels are trusted
+GZIP_MAGIC = b"\x1f\x8b"
 MIN_OVERLAP = 0.5  # least fraction of the smaller image's world box inside the other's for "affinely pre-aligned"
 
 
@@ -65,6 +68,17 @@ def _itk_affine(image_or_reader) -> np.ndarray:
     return affine_from_itk(image_or_reader.GetOrigin()[:3], image_or_reader.GetSpacing()[:3], direction.ravel())
 
 
+def check_integrity(path: PathLike) -> None:
+    """Fail, naming the file, when a gzip-compressed image (.nii.gz, .mgz) does not pass its CRC check. A file that
+    is missing or no gzip stream at all is left to its reader, which says what it is."""
+    path = Path(path)
+    if _has_suffix(path, GZIP_SUFFIXES) and path.is_file():
+        with open(path, "rb") as handle:
+            if handle.read(2) != GZIP_MAGIC:
+                return
+        check_gzip(path)
+
+
 def read_image_header(path: PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
     """(shape, affine (4, 4) RAS mm) of a 3D image file, from its header."""
     path = Path(path)
@@ -72,14 +86,17 @@ def read_image_header(path: PathLike) -> tuple[tuple[int, int, int], np.ndarray]
         return read_nifti_header(path)
     if _has_suffix(path, MGH_SUFFIXES):
         image = _open_mgh(path)
-        return spatial_shape(image.shape, path), np.asarray(image.affine, dtype=np.float64)
+        return spatial_shape(image.shape, path), check_affine(np.asarray(image.affine, dtype=np.float64), path)
     reader = _sitk_reader(path)
-    return spatial_shape(reader.GetSize(), path), _itk_affine(reader)
+    return spatial_shape(reader.GetSize(), path), check_affine(_itk_affine(reader), path)
 
 
 def read_image(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(array, affine (4, 4) RAS mm) of a 3D image file; ``kind`` as in utils.io.load_nifti (image, mask or seg)."""
+    """(array, affine (4, 4) RAS mm) of a 3D image file; ``kind`` as in utils.io.load_nifti (image, mask or seg).
+
+    A gzip-compressed file must pass its CRC check first (``check_integrity``)."""
     path = Path(path)
+    check_integrity(path)
     if _has_suffix(path, NIFTI_SUFFIXES):
         return load_nifti(path, kind)
     if _has_suffix(path, MGH_SUFFIXES):
@@ -89,7 +106,8 @@ def read_image(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
             array = image.get_fdata(dtype=np.float32) if kind == "image" else np.asanyarray(image.dataobj)
         except Exception as exc:  # truncated data
             raise ValueError(f"cannot read MGH/MGZ file {path}: {exc}") from exc
-        return check_voxels(np.asarray(array).reshape(shape), kind, path), np.asarray(image.affine, dtype=np.float64)
+        return check_voxels(np.asarray(array).reshape(shape), kind, path), check_affine(
+            np.asarray(image.affine, dtype=np.float64), path)
     reader = _sitk_reader(path)
     shape = spatial_shape(reader.GetSize(), path)
     try:
@@ -97,7 +115,7 @@ def read_image(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
     except RuntimeError:
         raise ValueError(f"cannot read image file {path}: the voxel data are truncated or corrupt") from None
     array = sitk.GetArrayFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)
-    return check_voxels(np.ascontiguousarray(array), kind, path), _itk_affine(image)
+    return check_voxels(np.ascontiguousarray(array), kind, path), check_affine(_itk_affine(image), path)
 
 
 def write_image(path: PathLike, array: np.ndarray, affine: np.ndarray, dtype: np.dtype | str) -> Path:

@@ -9,6 +9,8 @@ status says 'failed' with the message.
 from __future__ import annotations
 
 import errno
+import gzip
+import io
 import json
 import os
 import shutil
@@ -115,6 +117,36 @@ def edited(key: str, value, entry=training) -> Callable:
 def corrupt_nifti(ws: Workspace):
     (ws.data / "sub-02" / "im.nii.gz").write_bytes(b"not a nifti file")
     return training(ws)
+
+
+def with_affine(path: Path, affine) -> None:
+    """Give a .nii.gz file the sform ``affine`` (4, 4) and no qform, as a damaged or hand-made header may."""
+    import nibabel as nib
+
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)))
+    header["qform_code"], header["sform_code"] = 0, 2
+    header["srow_x"], header["srow_y"], header["srow_z"] = [list(map(float, row)) for row in affine[:3]]
+    raw[:348] = header.binaryblock
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def image_affine(subject: str, affine, entry=registering) -> Callable:
+    def case(ws: Workspace):
+        with_affine(ws.data / subject / "im.nii.gz", affine)
+        return entry(ws)
+    return case
+
+
+def flipped(subject: str, offset: int, entry=registering) -> Callable:
+    """A case whose subject's image has one bit flipped at byte ``offset`` (negative: from the end) of its file."""
+    def case(ws: Workspace):
+        path = ws.data / subject / "im.nii.gz"
+        raw = bytearray(path.read_bytes())
+        raw[offset] ^= 0x10
+        path.write_bytes(bytes(raw))
+        return entry(ws)
+    return case
 
 
 def truncated_checkpoint(ws: Workspace):
@@ -343,6 +375,17 @@ CASES = [
     ("image-missing", lambda ws: ((ws.data / "sub-03" / "im.nii.gz").unlink(), registering(ws))[1], None,
      [str(Path("sub-03") / "im.nii.gz")]),
     ("image-corrupt", corrupt_nifti, None, [str(Path("sub-02") / "im.nii.gz")]),
+    ("affine-zero", image_affine("sub-01", [[0.0] * 4] * 4), None,
+     [str(Path("sub-01") / "im.nii.gz"), "affine is singular"]),
+    ("affine-singular", image_affine("sub-02", [[1.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
+                                     training), None, [str(Path("sub-02") / "im.nii.gz"), "affine is singular"]),
+    ("affine-nan", image_affine("sub-01", [[float("nan")] * 4] * 4), None,
+     [str(Path("sub-01") / "im.nii.gz"), "NaN or infinite"]),
+    ("affine-inf", image_affine("sub-03", [[1.0, 0, 0, float("inf")], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]),
+     None, [str(Path("sub-03") / "im.nii.gz"), "NaN or infinite"]),
+    ("gzip-bad-crc", flipped("sub-02", -6), None, [str(Path("sub-02") / "im.nii.gz"), "corrupt gzip data", "CRC"]),
+    ("gzip-flipped-bit", flipped("sub-03", -100, training), None,
+     [str(Path("sub-03") / "im.nii.gz"), "corrupt gzip data"]),
     ("two-atlases", two_atlases, None, ["data_loader.args.im_pairs", "fixed images"]),
     ("labels-corrupt", broken_labels, None, ["labels.json"]),
     # checkpoints given to test.py

@@ -575,3 +575,13 @@ def test_one_process_per_output(tmp_path, demo_pair):
                                               f"\\(PID {os.getpid()}"):
             register.main(argv)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupt_gzip_stream_is_refused(tmp_path, inputs, demo_pair):
+    """A .nii.gz whose CRC does not match its data is named, not registered."""
+    raw = bytearray(demo_pair["moving_im_nii"].read_bytes())
+    raw[-6] ^= 0x10  # in the CRC-32 of the gzip trailer
+    bad = inputs / "bad_crc.nii.gz"
+    bad.write_bytes(bytes(raw))
+    message = _bad(tmp_path, demo_pair, moving=bad)
+    assert message.startswith(f"{bad}: corrupt gzip data") and "CRC" in message

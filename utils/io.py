@@ -6,8 +6,10 @@ stored: nothing is ever reoriented. Every error message names the file it is abo
 from __future__ import annotations
 
 import fcntl
+import gzip
 import os
 import uuid
+import zlib
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
@@ -138,6 +140,29 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
     return img
 
 
+def check_gzip(path: PathLike) -> None:
+    """Read a gzip file to its end once, so that gzip checks its CRC and length: a flipped bit or a truncated stream
+    fails here, naming the file, instead of loading as plausible voxels (a reader that stops at the last voxel
+    never reaches the check)."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: corrupt gzip data ({first_line(error)})") from None
+
+
+def check_affine(affine: np.ndarray, path: PathLike) -> np.ndarray:
+    """``affine`` (4, 4), unless it is no voxel-to-world map: NaN or infinite entries, or a singular 3x3 part (a zero
+    voxel size, collinear axes), which no resampling and no output file could use."""
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the voxel-to-world affine holds NaN or infinite values")
+    if np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        raise ValueError(f"{path}: the voxel-to-world affine is singular (a zero voxel size or collinear axes): "
+                         f"{np.array2string(affine[:3], precision=3, separator=',').replace(chr(10), '')}")
+    return affine
+
+
 def spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     """The 3D shape of a stored shape; trailing singleton dimensions are accepted, anything else is not 3D."""
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):
@@ -149,19 +174,21 @@ def read_nifti_header(path: PathLike) -> tuple[tuple[int, int, int], np.ndarray]
     """(shape, affine (4, 4) float64) of a 3D NIfTI file, reading the header only."""
     path = Path(path)
     img = _open_nifti(path)
-    return spatial_shape(img.shape, path), np.asarray(img.affine, dtype=np.float64)
+    return spatial_shape(img.shape, path), check_affine(np.asarray(img.affine, dtype=np.float64), path)
 
 
 def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI file as (array, affine (4, 4) float64); ``kind``: image -> float32, mask -> bool, seg -> int64.
 
-    Images must be finite; masks and segmentations must hold integer values (a mask is True where non-zero).
+    Images must be finite; masks and segmentations must hold integer values (a mask is True where non-zero). The
+    affine must be a voxel-to-world map (``check_affine``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     img = _open_nifti(path)
     shape = spatial_shape(img.shape, path)
+    affine = check_affine(np.asarray(img.affine, dtype=np.float64), path)
     try:
         if kind == "image":
             array = img.get_fdata(dtype=np.float32)
@@ -170,7 +197,7 @@ def load_nifti(path: PathLike, kind: str) -> tuple[np.ndarray, np.ndarray]:
             array = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated or corrupt data block
         raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
-    return check_voxels(np.asarray(array).reshape(shape), kind, path), np.asarray(img.affine, dtype=np.float64)
+    return check_voxels(np.asarray(array).reshape(shape), kind, path), affine
 
 
 def check_voxels(array: np.ndarray, kind: str, path: PathLike) -> np.ndarray:
