@@ -133,6 +133,10 @@ def save_atomically(result, args: argparse.Namespace) -> None:
         else:
             for path in sorted(staging.iterdir()):
                 path.rename(args.output_prefix + path.name)
+    except OSError as error:  # named by the output the user asked for, not by its hidden staging copy
+        if error.filename is None or Path(error.filename).parent != staging:
+            raise
+        raise OSError(error.errno, error.strerror, output_prefix(args) + Path(error.filename).name) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

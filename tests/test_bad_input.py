@@ -13,7 +13,9 @@ import gzip
 import io
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -473,8 +475,11 @@ def test_full_disk_names_the_file_and_marks_the_run_failed(entry, ws, capsys, mo
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    # the first torch.save of training is a q_v state; the first NIfTI of a test run is a registered image
-    monkeypatch.setattr("utils.io.torch.save" if entry == "train" else "utils.io.nib.save", full)
+    # the first file that utils.io opens in training is a q_v state; the first NIfTI of a test run is a registered image
+    if entry == "train":
+        monkeypatch.setattr("utils.io.open", full, raising=False)
+    else:
+        monkeypatch.setattr("utils.io.nib.save", full)
     main = train_entry.main if entry == "train" else test_entry.main
     code, message = run_case(main, ["-c", str(ws.config), "--device", "cpu"], capsys)
     assert message.startswith("error: no space left on device: ") and "\n" not in message
@@ -641,3 +646,23 @@ def test_byte_order_marks_are_skipped(ws):
     assert read_pairs(ws.data / "pairs.csv") == [("sub-01", "sub-02")]
     ws.config.write_bytes(b"\xef\xbb\xbf" + ws.config.read_bytes())
     assert load_config(ws.config).name == json.loads(ws.config.read_text(encoding="utf-8-sig"))["name"]
+
+
+def _limit_file_size() -> None:
+    """In the child: files may not grow beyond 64 kB (writes fail with EFBIG, as with ENOSPC on a full disk)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+
+def test_a_refused_write_under_torch_names_the_file(ws):
+    """A write that the file system refuses inside torch's serialiser (here the file-size limit; a full disk takes
+    the same path): one line naming the file, not torch's 'unexpected pos' traceback; the run is marked failed."""
+    shutil.rmtree(ws.root / "saved")
+    result = subprocess.run([sys.executable, "train.py", "-c", str(ws.config), "--device", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True, preexec_fn=_limit_file_size,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (folder,) = (ws.root / "saved").rglob("train-*")
+    assert line.startswith(f"error: file too large: {folder / 'q_v'}"), line
+    assert read_status(folder)["status"] == "failed" and not list(folder.rglob(".tmp-*"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 
 import nibabel as nib
 import numpy as np
@@ -75,11 +76,15 @@ def test_atomic_write_text_and_torch_save(tmp_path):
     assert loaded["epoch"] == 3 and torch.equal(loaded["weights"], state["weights"])
 
 
-def test_a_full_disk_names_the_target_and_leaves_no_temporary(tmp_path, monkeypatch):
-    def full(*args, **kwargs):
+class _FullDisk(io.FileIO):
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def write(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+
+def test_a_full_disk_names_the_target_and_leaves_no_temporary(tmp_path, monkeypatch):
+    monkeypatch.setattr("utils.io.open", _FullDisk, raising=False)
     with pytest.raises(OSError) as error:
         atomic_torch_save({"x": torch.zeros(2)}, tmp_path / "out" / "state.pt")
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "out" / "state.pt")

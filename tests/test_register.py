@@ -585,3 +585,24 @@ def test_a_corrupt_gzip_stream_is_refused(tmp_path, inputs, demo_pair):
     bad.write_bytes(bytes(raw))
     message = _bad(tmp_path, demo_pair, moving=bad)
     assert message.startswith(f"{bad}: corrupt gzip data") and "CRC" in message
+
+
+def _limit_file_size() -> None:
+    """In the child: files may not grow beyond 4 kB (writes fail with EFBIG, the path a full disk takes too)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+
+def test_an_incomplete_write_fails_naming_the_output(tmp_path, demo_pair):
+    """SimpleITK's NIfTI writer only prints a message when a write fails: the short file is caught, and the error
+    names the output the user asked for; nothing is left behind."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "register.py", *pair_args(demo_pair), "-o", str(out), *FAST,
+                             "--affine", "none"], cwd=ROOT, capture_output=True, text=True,
+                            preexec_fn=_limit_file_size, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert line.startswith(f"error: the image file was written incompletely: {out}{os.sep}"), line
+    assert list(tmp_path.iterdir()) == []

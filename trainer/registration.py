@@ -41,7 +41,7 @@ from utils.affine import AFFINE_METRICS, affine_register, identity_affine, read_
 from utils.config import ConfigError, QVTestConfig, RunConfig
 from utils.io import atomic_write, atomic_write_text
 from utils.itk import (array_from_image, image_from_array, itk_displacement_field, itk_from_affine,
-                       read_displacement_transform, resample)
+                       read_displacement_transform, resample, write_sitk)
 from utils.metrics import jacobian_determinant
 
 # output names, after the prefix (ANTs' names for the transforms, so that its users find them)
@@ -118,13 +118,6 @@ class Registration:
         atomic_write_text(target(SUMMARY), json.dumps(self.summary, indent=2, allow_nan=False) + "\n")
         atomic_write_text(target(CONFIG), json.dumps(self.config.to_dict(), indent=2) + "\n")
         return paths
-
-
-def write_sitk(path: Path, image: sitk.Image) -> Path:
-    """Write a SimpleITK image atomically (compressed)."""
-    with atomic_write(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return path
 
 
 def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import io
 import os
 import uuid
 import zlib
@@ -116,9 +117,12 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a half-written file at ``path``."""
+    # serialised in memory, then written by Python: torch's writer turns a full disk (ENOSPC) into a RuntimeError
+    # ("unexpected pos"), even through a Python file, while Python's write raises the OSError that names it
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_write(path) as tmp, open(tmp, "wb") as handle:
-        # through a Python file: a full disk raises OSError (ENOSPC), not torch's generic RuntimeError
-        torch.save(obj, handle)
+        handle.write(buffer.getbuffer())
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -140,16 +144,18 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def check_gzip(path: PathLike) -> None:
+def check_gzip(path: PathLike) -> int:
     """Read a gzip file to its end once, so that gzip checks its CRC and length: a flipped bit or a truncated stream
     fails here, naming the file, instead of loading as plausible voxels (a reader that stops at the last voxel
-    never reaches the check)."""
+    never reaches the check). Returns the length of the data, in bytes."""
+    length = 0
     try:
         with gzip.open(path, "rb") as handle:
-            while handle.read(1 << 22):
-                pass
+            while chunk := handle.read(1 << 22):
+                length += len(chunk)
     except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"{path}: corrupt gzip data ({first_line(error)})") from None
+    return length
 
 
 def check_affine(affine: np.ndarray, path: PathLike) -> np.ndarray:

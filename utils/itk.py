@@ -11,13 +11,16 @@ point of the input (moving) image that is sampled there: exactly what ``displace
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from utils.io import PathLike, atomic_write
+from utils.io import PathLike, atomic_write, check_gzip
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse: also RAS from LPS
 DIRECTION_TOLERANCE = 1e-4  # largest deviation from an orthonormal direction matrix that ITK can represent
@@ -87,10 +90,34 @@ def itk_displacement_field(displacement: np.ndarray, affine: np.ndarray) -> sitk
 
 def write_itk_displacement(path: PathLike, displacement: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``itk_displacement_field`` atomically, float32 (NIfTI: 5D, intent "vector", ANTs' warp layout)."""
+    return write_sitk(path, sitk.Cast(itk_displacement_field(displacement, affine), sitk.sitkVectorFloat32))
+
+
+NIFTI_VOXEL_OFFSET = 352  # the least header size of a single-file NIfTI (348 bytes and the extension flags)
+
+
+def write_sitk(path: PathLike, image: sitk.Image) -> Path:
+    """Write a SimpleITK image atomically (compressed where the format allows).
+
+    SimpleITK's NIfTI writer only prints a message when a write fails (a full disk) and leaves a short file, so a
+    NIfTI file is read back to check that it holds every voxel; an incomplete one fails, naming ``path`` (as no space
+    left on device when the disk lacks the room for the rest).
+    """
     path = Path(path)
-    field = sitk.Cast(itk_displacement_field(displacement, affine), sitk.sitkVectorFloat32)
     with atomic_write(path) as tmp:
-        sitk.WriteImage(field, str(tmp), useCompression=True)
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        name = tmp.name.lower()
+        if name.endswith((".nii", ".nii.gz")):
+            expected = NIFTI_VOXEL_OFFSET + (image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel()
+                                             * image.GetSizeOfPixelComponent())
+            try:
+                length = check_gzip(tmp) if name.endswith(".gz") else tmp.stat().st_size
+            except ValueError:
+                length = 0
+            if length < expected:
+                if shutil.disk_usage(tmp.parent).free < expected - length:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                raise OSError(errno.EIO, "the image file was written incompletely", str(tmp))
     return path
 
 
