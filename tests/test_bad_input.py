@@ -222,6 +222,15 @@ def q_v_file_other_shape(ws: Workspace):
     return resuming(ws)
 
 
+def checkpoint_making_demo_data(ws: Workspace):
+    """A checkpoint whose config asks for demo data in a folder outside its run (a crafted or edited checkpoint)."""
+    state = torch.load(ws.checkpoint, weights_only=True)
+    args = state["config"]["data_loader"]["args"]
+    args.update(data_path=str(ws.root / "elsewhere"), demo={"no_subjects": 2, "size": 8, "seed": 0})
+    torch.save(state, ws.checkpoint)
+    return resuming(ws, "--reset-q-v")
+
+
 def other_config_on_resume(ws: Workspace):
     other = ws.root / "other.json"
     saved = json.loads((ws.run / "config.json").read_text())
@@ -407,6 +416,8 @@ CASES = [
     ("resume-q_v-missing", q_v_folder_missing, None, ["sub-01_sub-02.epoch1.pt", "missing", "--reset-q-v"]),
     ("resume-q_v-corrupt", q_v_file_corrupt, None, ["sub-01_sub-02.epoch1.pt", "corrupt"]),
     ("resume-q_v-other-shape", q_v_file_other_shape, None, ["sub-01_sub-03.epoch1.pt", "shape"]),
+    ("resume-checkpoint-makes-demo-data", checkpoint_making_demo_data, None,
+     ["checkpoint_epoch1.pt (config)", "data_loader.args.data_path", "elsewhere", "does not make demo data"]),
     ("resume-other-config", other_config_on_resume, None, ["other.json", "reg_loss.args.w_reg"]),
     ("resume-set-dims", lambda ws: resuming(ws, "--set", "data_loader.args.dims=[8,8,8]"), None,
      ["--set", "data_loader.args.dims"]),

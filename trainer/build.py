@@ -15,15 +15,20 @@ from model.energy import ContrastiveLoss, Energy
 from model.similarity import SimilarityMetric
 from model.transformation import SVF, SVFFD
 from model.variational import QF, QV
-from utils.config import QVTestConfig, QVTrainConfig, RunConfig
+from utils.config import ConfigError, QVTestConfig, QVTrainConfig, RunConfig
 from utils.distributed import Context, barrier
 from utils.sobolev import sobolev_kernel
 
 
 def build_dataset(config: RunConfig, context: Context) -> PairDataset:
-    """The pair dataset; rank 0 makes the embedded demo data first when the config asks for it."""
+    """The pair dataset; rank 0 makes the embedded demo data first when the config file asks for it (a config read
+    from a checkpoint never makes any: it would decide where data is written)."""
     args = config.data_loader.args
-    if args.demo is not None:
+    if args.demo is not None and config.from_checkpoint and not args.data_path.is_dir():
+        raise ConfigError(f"{config.source}: data_loader.args.data_path: folder {args.data_path} does not exist, "
+                          f"and a checkpoint's config does not make demo data; make it with python -m "
+                          f"data_loader.demo {args.data_path}, or resume with the config file (-c)")
+    if args.demo is not None and not config.from_checkpoint:
         if context.is_main:
             ensure_demo_dataset(args.data_path, no_subjects=args.demo.no_subjects, size=args.demo.size,
                                 seed=args.demo.seed)

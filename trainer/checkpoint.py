@@ -178,6 +178,7 @@ def resume_config(checkpoint: dict, config_file: str | None, overrides: list[str
     else:
         config = parse_config(apply_overrides(checkpoint["config"], overrides), Path(source).parent,
                               f"{source} (config)", mode="train")
+        config.from_checkpoint = True
     check_kind(checkpoint, config)
     changed = [key for key in changed_keys(stored.to_dict(), config.to_dict()) if key not in RESUMABLE_KEYS]
     if changed:

@@ -398,6 +398,9 @@ class RunConfig(Section):
     seed: int = 0
     no_GPUs: Optional[int] = None  # kept so the reference's files load; the process count comes from torchrun
     source: str = field(default="<dict>", metadata={"internal": True})
+    # read from a checkpoint, not from a file the user gave: it may not build demo data (a checkpoint must not
+    # decide where anything is written)
+    from_checkpoint: bool = field(default=False, metadata={"internal": True})
 
     method: ClassVar[str]
     mode: ClassVar[str]
