@@ -97,6 +97,8 @@ def output_prefix(args: argparse.Namespace) -> str:
 def check_outputs(args: argparse.Namespace) -> None:
     """Fail before anything runs when an output would overwrite something."""
     if args.output is not None:
+        if args.output.is_symlink():
+            raise ValueError(f"output {args.output} is a symbolic link: give the folder it points to, or a new one")
         if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
             raise ValueError(f"output {args.output} exists and is not an empty folder: choose another or remove it")
         return

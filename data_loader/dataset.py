@@ -29,6 +29,8 @@ DEFAULT_LABELS: dict[str, int] = {
     "right_hippocampus": 53, "right_amygdala": 54, "right_accumbens": 58,
 }
 AFFINE_TOLERANCE = 1e-3  # max abs difference between fixed and moving working-grid affines before we warn
+# a pair ID is part of file names: "<pair>.epoch<E>.pt" and the ".tmp-<32 hex>-" of its atomic write must fit in 255
+MAX_PAIR_ID_BYTES = 200
 
 
 def load_labels(path: PathLike) -> dict[str, int]:
@@ -96,6 +98,9 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
             if problem:
                 raise ValueError(f"{path}, line {line_no}: subject ID {subject!r} {problem}")
         pair = (fields[0], fields[1])
+        if len(pair_id(*pair).encode("utf-8", "surrogateescape")) > MAX_PAIR_ID_BYTES:
+            raise ValueError(f"{path}, line {line_no}: pair ID {pair_id(*pair)[:40]}... is longer than "
+                             f"{MAX_PAIR_ID_BYTES} bytes, too long for the file names made from it")
         first = seen.setdefault(pair_id(*pair), (pair, line_no))
         if first[0] == pair and first[1] != line_no:
             raise ValueError(f"{path}, line {line_no}: pair {','.join(pair)} is listed again (first on line "

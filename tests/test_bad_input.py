@@ -133,6 +133,20 @@ def with_affine(path: Path, affine) -> None:
     path.write_bytes(gzip.compress(bytes(raw)))
 
 
+def header_only(subject: str, shape, entry=registering) -> Callable:
+    """A case whose subject's image is its header alone, declaring ``shape``."""
+    import nibabel as nib
+
+    def case(ws: Workspace):
+        path = ws.data / subject / "im.nii.gz"
+        raw = gzip.decompress(path.read_bytes())
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
+        header.set_data_shape(shape)
+        path.write_bytes(gzip.compress(header.binaryblock + raw[348:352]))
+        return entry(ws)
+    return case
+
+
 def image_affine(subject: str, affine, entry=registering) -> Callable:
     def case(ws: Workspace):
         with_affine(ws.data / subject / "im.nii.gz", affine)
@@ -331,6 +345,7 @@ CASES = [
      ["model.args.s", "window"]),
     ("name-escapes", edited("name", "../../escaped"), None, ["name", "separator"]),
     ("name-empty", edited("name", ""), None, ["name", "empty"]),
+    ("name-too-long", edited("name", "n" * 300), None, ["config.json", "name", "255 bytes"]),
     ("im_filename-escapes", edited("data_loader.args.im_filename", "../sub-02/im.nii.gz", registering), None,
      ["data_loader.args.im_filename", ".."]),
     ("seg_filename-absolute", edited("data_loader.args.seg_filename", "/etc/hostname", registering), None,
@@ -378,6 +393,10 @@ CASES = [
     ("pairs-not-utf8", pairs_line(b"sub-01,sub-0\xff2\n", registering), None, ["pairs.csv", "UTF-8"]),
     ("pairs-three-fields", pairs_line("sub-01,sub-02,sub-03\n", registering), None, ["pairs.csv", "line 1"]),
     ("pairs-empty", pairs_line("\n", registering), None, ["pairs.csv", "no pairs"]),
+    ("subject-id-too-long", pairs_line("sub-01," + "s" * 300 + "\n", registering), None,
+     ["pairs.csv", "line 1", "255 bytes"]),
+    ("pair-id-too-long", pairs_line("sub-01," + "s" * 199 + "\n", registering), None,
+     ["pairs.csv", "line 1", "200 bytes"]),
     ("pairs-duplicate", pairs_line("sub-01,sub-02\nsub-01,sub-03\n\nsub-01, sub-02\n", registering), None,
      ["pairs.csv", "line 4", "sub-01,sub-02 is listed again", "line 1"]),
     ("pairs-duplicate-train", pairs_line("sub-01,sub-02\nsub-01,sub-02\n"), None, ["pairs.csv", "line 2"]),
@@ -394,6 +413,10 @@ CASES = [
      [str(Path("sub-01") / "im.nii.gz"), "NaN or infinite"]),
     ("affine-inf", image_affine("sub-03", [[1.0, 0, 0, float("inf")], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]),
      None, [str(Path("sub-03") / "im.nii.gz"), "NaN or infinite"]),
+    ("image-declares-1000^3", header_only("sub-02", (1000, 1000, 1000)), None,
+     [str(Path("sub-02") / "im.nii.gz"), "declares (1000, 1000, 1000) voxels", "the file holds 352"]),
+    ("image-zero-axis", header_only("sub-03", (16, 0, 16), training), None,
+     [str(Path("sub-03") / "im.nii.gz"), "axis of size 0"]),
     ("gzip-bad-crc", flipped("sub-02", -6), None, [str(Path("sub-02") / "im.nii.gz"), "corrupt gzip data", "CRC"]),
     ("gzip-flipped-bit", flipped("sub-03", -100, training), None,
      [str(Path("sub-03") / "im.nii.gz"), "corrupt gzip data"]),

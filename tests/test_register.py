@@ -606,3 +606,12 @@ def test_an_incomplete_write_fails_naming_the_output(tmp_path, demo_pair):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert line.startswith(f"error: the image file was written incompletely: {out}{os.sep}"), line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_may_not_be_a_symbolic_link(tmp_path, demo_pair):
+    """-o naming a symbolic link is refused before anything runs (it failed after the registration)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        register.main([*pair_args(demo_pair), "-o", str(tmp_path / "link"), *FAST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and not any((tmp_path / "real").iterdir())

@@ -23,6 +23,7 @@ PathLike = str | os.PathLike
 KINDS = ("image", "mask", "seg")
 NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
 TMP_PREFIX = ".tmp-"  # temporary files of atomic writes; a run removes stale ones from its own folder
+MAX_NAME_BYTES = 255  # the longest file name of the usual file systems (ext4, XFS, APFS, NTFS in UTF-16 units)
 
 
 class LockedError(ValueError):
@@ -80,6 +81,8 @@ def name_problem(name: str) -> str | None:
         return "contains a path separator or NUL"
     if name.startswith("."):
         return "starts with '.'"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"is longer than a file name may be ({MAX_NAME_BYTES} bytes)"
     return None
 
 
@@ -141,7 +144,28 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
         raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
     if not isinstance(img, NIFTI_CLASSES):
         raise ValueError(f"cannot read NIfTI file {path}: it is a {type(img).__name__}, not NIfTI")
+    _check_declared_size(path, img)
     return img
+
+
+def _check_declared_size(path: Path, img: nib.Nifti1Image) -> None:
+    """The voxels that the header declares must be in the file, checked before anything allocates them (a 64-byte
+    file may declare 1000^3 voxels). A .nii.gz file's length is the gzip trailer's (modulo 2^32)."""
+    voxels = int(np.prod(img.shape, dtype=np.int64))
+    # an offset of 0 in a single file means the least one, right after the header (nibabel reads it so)
+    offset = max(int(img.header.get_data_offset()), int(img.header.single_vox_offset))
+    expected = offset + voxels * img.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        if expected >= 1 << 32:  # the trailer holds the length modulo 2^32: no comparison possible
+            return
+        with path.open("rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            held = int.from_bytes(handle.read(4), "little")
+    else:
+        held = path.stat().st_size
+    if held < expected:
+        raise ValueError(f"{path}: the header declares {img.shape} voxels of {img.get_data_dtype()} ({expected} bytes "
+                         f"with the header), but the file holds {held}: truncated, or not the image its header says")
 
 
 def check_gzip(path: PathLike) -> int:
@@ -173,6 +197,8 @@ def spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     """The 3D shape of a stored shape; trailing singleton dimensions are accepted, anything else is not 3D."""
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):
         raise ValueError(f"{path}: expected a 3D image, got shape {tuple(shape)}")
+    if min(shape[:3]) < 1:
+        raise ValueError(f"{path}: an axis of size 0 (shape {tuple(shape)}): no voxels")
     return tuple(int(n) for n in shape[:3])
 
 
