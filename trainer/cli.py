@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import signal
 import sys
 import traceback
 from typing import Callable
+
+import torch
 
 from trainer.checkpoint import CheckpointError
 from trainer.q_v_store import QVStateError
@@ -14,6 +17,14 @@ from utils.config import ConfigError
 
 # errors that bad input, a bad file or a full disk cause: reported in one line (the traceback with --debug)
 USER_ERRORS = (ConfigError, CheckpointError, QVStateError, OSError, ValueError)
+MEMORY_HINT = "lower data_loader.args.dims, data_loader.args.batch_size or model.args.no_features"
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is a failed allocation: Python's or numpy's MemoryError, torch's CPU allocator (a plain
+    RuntimeError) or CUDA's OutOfMemoryError."""
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)))
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +45,10 @@ def error_message(error: BaseException) -> str:
         return f"{reason}: {where}" if where else reason
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
+    if out_of_memory(error):
+        size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGTPE]?i?B)", str(error))
+        tried = f" (tried to allocate {size[1] + ' bytes' if size[1] else size[2]})" if size else ""
+        return f"out of memory{tried}: {MEMORY_HINT}"
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
 
@@ -53,7 +68,9 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, MemoryError, RuntimeError) as error:
+        if not isinstance(error, USER_ERRORS) and not out_of_memory(error):
+            raise
         if "--debug" in argv:
             traceback.print_exc()
         sys.exit(f"error: {error_message(error)}")
