@@ -24,6 +24,7 @@ from torch import nn
 
 from utils.archive import read_member
 from utils.flow import integrate_velocity, warp
+from utils.io import torch_load_problem
 from utils.state_dict import state_dict_mismatch
 
 DEFAULT_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))  # encoder, decoder: VoxelMorph's default
@@ -214,7 +215,7 @@ def read_authors_checkpoint(path: str | Path, map_location: str | torch.device =
     try:
         checkpoint = torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise VoxelMorphError(f"cannot read VoxelMorph checkpoint {source}: {error}") from None
+        raise VoxelMorphError(f"cannot read VoxelMorph checkpoint {source}: {torch_load_problem(error)}") from None
     if not isinstance(checkpoint, dict) or not {"config", "model_state"} <= set(checkpoint):
         keys = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         what = (f"it is a learnsim checkpoint of kind {checkpoint['kind']!r}"

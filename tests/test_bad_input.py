@@ -704,3 +704,34 @@ def test_a_refused_write_under_torch_names_the_file(ws):
     (folder,) = (ws.root / "saved").rglob("train-*")
     assert line.startswith(f"error: file too large: {folder / 'q_v'}"), line
     assert read_status(folder)["status"] == "failed" and not list(folder.rglob(".tmp-*"))
+
+
+def _tarball(path: Path, data: bytes, name: str = "net.pt") -> Path:
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"x" * 1000, "refused: not tensors and plain containers"),
+    (b"abc", "not a torch file"),
+], ids=["garbage", "short"])
+def test_unreadable_torch_files_are_named_without_unsafe_advice(tmp_path, content, expected):
+    """A file that torch.load(weights_only=True) refuses: one line naming it, and never torch's advice to retry
+    with weights_only=False (it would run whatever an untrusted file pickles)."""
+    from model.voxelmorph import read_authors_checkpoint
+    from trainer.checkpoint import read_checkpoint
+    from trainer.cli import error_message
+
+    (tmp_path / "net.pt").write_bytes(content)
+    for read, path in ((read_authors_checkpoint, _tarball(tmp_path / "net.tar.gz", content)),
+                       (read_authors_checkpoint, tmp_path / "net.pt"), (read_checkpoint, tmp_path / "net.pt")):
+        with pytest.raises(ValueError) as error:
+            read(path)
+        message = error_message(error.value)
+        assert str(path) in message and expected in message, message
+        assert "weights_only=False" not in message.replace("`", "") and "arbitrary code" not in message

@@ -2,7 +2,6 @@
 ``kind``, loaded with weights_only=True."""
 from __future__ import annotations
 
-import pickle
 import re
 import tarfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from model.similarity import SimilarityMetric
 from model.voxelmorph import VxmDense, load_authors_voxelmorph
 from utils.config import (RESUMABLE_KEYS, ConfigError, RunConfig, apply_overrides, changed_keys, load_config,
                           parse_config)
-from utils.io import atomic_torch_save, first_line
+from utils.io import atomic_torch_save, first_line, torch_load_problem
 from utils.state_dict import state_dict_mismatch
 
 CHECKPOINT_KIND = "learnsim/similarity-metric"
@@ -200,10 +199,7 @@ def _unreadable(path: Path, error: Exception) -> str:
         return (f"refused: it pickles {refused[1]}, which weights_only=True does not load; an authors' learnt-metric "
                 f"file imports with 'python -m trainer.authors_import FILE OUT.pt' (or use pretrained:SSD_learnt / "
                 f"LCC_learnt)")
-    if isinstance(error, pickle.UnpicklingError):
-        return ("refused, it holds pickled Python objects besides tensors and plain containers (checkpoints are "
-                "loaded with weights_only=True)")
-    return first_line(error)
+    return torch_load_problem(error)
 
 
 def load_similarity(similarity: SimilarityMetric, checkpoint: dict, source: str) -> None:

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 
 from model.variational import Q_V_KEYS
-from utils.io import atomic_torch_save, first_line, name_problem
+from utils.io import atomic_torch_save, name_problem, torch_load_problem
 
 _NAME = re.compile(r"^(?P<pair>.+)\.epoch(?P<epoch>\d+)\.pt$")
 RESET_HINT = "resume with --reset-q-v to start q_v afresh on purpose"
@@ -57,7 +57,7 @@ class QVStore:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as error:  # torch raises many types for a damaged file
-            raise QVStateError(f"{path}: corrupt q_v state ({first_line(error)}); {RESET_HINT}") from None
+            raise QVStateError(f"{path}: corrupt q_v state ({torch_load_problem(error)}); {RESET_HINT}") from None
         expected = (3, *velocity_shape)
         for key in Q_V_KEYS:
             if not isinstance(state, dict) or not isinstance(state.get(key), torch.Tensor):

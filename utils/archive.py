@@ -10,7 +10,7 @@ import tarfile
 import uuid
 from pathlib import Path, PurePosixPath
 
-MAX_ARCHIVE_BYTES = 512 * 2 ** 20  # unpacked size cap: the largest pretrained tarball unpacks to ~1.2 MB
+MAX_ARCHIVE_BYTES = 64 * 2 ** 20  # unpacked size cap: the largest pretrained tarball unpacks to ~1.2 MB
 
 
 class ArchiveError(ValueError):

@@ -9,6 +9,8 @@ import fcntl
 import gzip
 import io
 import os
+import pickle
+import re
 import uuid
 import zlib
 from contextlib import contextmanager
@@ -68,6 +70,22 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line error messages."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def torch_load_problem(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line, without torch's advice to retry with
+    weights_only=False (which would run whatever an untrusted file pickles)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"refused: it pickles {refused[1]}, which weights_only=True does not load"
+    if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        return ("refused: not tensors and plain containers, which is all weights_only=True loads"
+                + (f" ({detail[1].strip()})" if detail else ""))
+    if isinstance(error, (IndexError, EOFError, KeyError)):  # the unpickler stumbling over bytes of another kind
+        return "not a torch file (damaged, or another kind of file)"
+    return first_line(error)
 
 
 def name_problem(name: str) -> str | None:
