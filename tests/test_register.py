@@ -615,3 +615,12 @@ def test_output_folder_may_not_be_a_symbolic_link(tmp_path, demo_pair):
     with pytest.raises(ValueError, match="is a symbolic link"):
         register.main([*pair_args(demo_pair), "-o", str(tmp_path / "link"), *FAST])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and not any((tmp_path / "real").iterdir())
+
+
+def test_a_singular_initial_transform_is_refused(tmp_path, inputs, demo_pair):
+    """An initial transform without an inverse fails up front, naming the file (not numpy's 'Singular matrix')."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    sitk.WriteTransform(transform, str(inputs / "singular.mat"))
+    message = _bad(tmp_path, demo_pair, initial_transform=inputs / "singular.mat")
+    assert message.startswith(f"{inputs / 'singular.mat'}: the affine transform is singular or not finite")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from utils.io import PathLike, atomic_write
@@ -64,6 +65,11 @@ def as_affine(transform: sitk.Transform, source: str = "transform") -> sitk.Affi
         affine.SetTranslation(transform.GetTranslation())
     else:
         raise ValueError(f"{source}: a {transform.GetName()}, not an affine transform")
+    matrix = np.reshape(affine.GetMatrix(), (3, 3))
+    values = np.concatenate([matrix.ravel(), affine.GetTranslation(), affine.GetCenter()])
+    if not np.isfinite(values).all() or np.linalg.matrix_rank(matrix) < 3:
+        raise ValueError(f"{source}: the affine transform is singular or not finite (matrix "
+                         f"{np.array2string(matrix, precision=3, separator=',').replace(chr(10), '')})")
     return affine
 
 
