@@ -1,4 +1,5 @@
-"""File I/O: atomic writes, and NIfTI reading and writing that keeps the stored geometry.
+"""File I/O: atomic writes, advisory locks, integrity checks (gzip CRC, declared sizes, affines), one-line reasons
+for refused torch files, and NIfTI reading and writing that keeps the stored geometry.
 
 Arrays keep the NIfTI array axis order (the project's axes 0, 1, 2; see utils.grid) and the orientation exactly as
 stored: nothing is ever reoriented. Every error message names the file it is about.
