@@ -385,6 +385,8 @@ CASES = [
     ("config-not-utf8", config_text(lambda t: t.replace('"name": "', '"name": "\udcff').encode("utf-8",
                                                                                              "surrogateescape")),
      None, ["config.json", "UTF-8"]),
+    ("override-nested-beyond-python", lambda ws: training(ws, "--set", "trainer.x=" + "[" * 100000 + "]" * 100000),
+     None, ["override trainer.x", "nested"]),
     ("override-not-a-block", lambda ws: training(ws, "--set", "trainer.nope.deeper=1"), None, ["trainer.nope.deeper"]),
     ("override-bad-value", lambda ws: training(ws, "--set", "optimizer_q_v.args.lr=-1"), None,
      ["optimizer_q_v.args.lr"]),

@@ -695,6 +695,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        except RecursionError:
+            raise ConfigError(f"override {path}: blocks nested more than {MAX_DEPTH} deep") from None
         node = data
         keys = path.split(".")
         for k in keys[:-1]:
