@@ -33,9 +33,10 @@ def _pairs(indices: Iterable[int], pair_ids: Sequence[str] | None) -> str:
 class FiniteWatch:
     """Watches the per-pair terms of an optimisation loop (``TERMS``, each (B,)) for NaN and infinities.
 
-    The first non-finite iteration of each (term, pair) is recorded on the terms' device, without waiting for it;
-    the record is read every iteration on the CPU (where that costs nothing), every ``CUDA_CHECK_PERIOD``
-    iterations on CUDA, and by ``check``. ``what`` names the loop; ``hint`` says what to try, and ``start_hint``
+    On CUDA, the first non-finite iteration of each (term, pair) is recorded on the device, without waiting for
+    it, and the record is read every ``CUDA_CHECK_PERIOD`` iterations and by ``check``. On the CPU, where reading
+    costs nothing, the loss is read every iteration and the terms only once it is not finite (a non-finite term
+    makes the loss, their sum, non-finite). ``what`` names the loop; ``hint`` says what to try, and ``start_hint``
     what gave a non-finite term in the first iteration, before any step, in the message.
     """
 
@@ -45,11 +46,14 @@ class FiniteWatch:
 
     def update(self, iteration: int, terms: Mapping[str, torch.Tensor]) -> None:
         """Record the terms of ``iteration`` (counted from 1); raise NonFiniteError when it is time to read."""
+        on_cuda = terms["loss"].device.type == "cuda"
+        if not on_cuda and bool(torch.isfinite(terms["loss"]).all()):
+            return
         nonfinite = ~torch.isfinite(torch.stack([terms[key].detach().reshape(-1) for key in TERMS]))
         if self.first is None:
             self.first = torch.zeros(nonfinite.shape, dtype=torch.long, device=nonfinite.device)
         self.first = torch.where(nonfinite & (self.first == 0), iteration, self.first)
-        if self.first.device.type != "cuda" or iteration % CUDA_CHECK_PERIOD == 0:
+        if not on_cuda or iteration % CUDA_CHECK_PERIOD == 0:
             self.check()
 
     def check(self) -> None:
