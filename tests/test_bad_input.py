@@ -607,6 +607,22 @@ def test_finite_watch_names_the_first_term_and_pairs():
         watch.update(2, bad)
 
 
+
+def test_finite_watch_reads_the_device_only_every_period():
+    """The deferred read that CUDA uses: nothing is raised between reads, and the read names the first iteration
+    and term that went non-finite, not the last."""
+    from trainer.finite import TERMS, FiniteWatch, NonFiniteError
+
+    watch = FiniteWatch("q_v inference", ["a", "b"], period=4)
+    finite = {key: torch.zeros(2) for key in TERMS}
+    watch.update(1, finite)
+    watch.update(2, {**finite, "entropy_term": torch.tensor([float("nan"), 0.0]),
+                     "loss": torch.tensor([float("nan"), 0.0])})
+    watch.update(3, {key: torch.full((2,), float("inf")) for key in TERMS})
+    with pytest.raises(NonFiniteError, match="entropy term of pair a became NaN or infinite at iteration 2"):
+        watch.update(4, finite)
+
+
 def test_non_finite_theta_stops_training(ws, capsys, monkeypatch):
     """theta going NaN in its step stops the run before its checkpoint, naming the step, the pair and the weights."""
     from trainer.trainer import Trainer

@@ -34,26 +34,27 @@ class FiniteWatch:
     """Watches the per-pair terms of an optimisation loop (``TERMS``, each (B,)) for NaN and infinities.
 
     On CUDA, the first non-finite iteration of each (term, pair) is recorded on the device, without waiting for
-    it, and the record is read every ``CUDA_CHECK_PERIOD`` iterations and by ``check``. On the CPU, where reading
-    costs nothing, the loss is read every iteration and the terms only once it is not finite (a non-finite term
-    makes the loss, their sum, non-finite). ``what`` names the loop; ``hint`` says what to try, and ``start_hint``
-    what gave a non-finite term in the first iteration, before any step, in the message.
+    it, and the record is read every ``period`` iterations (default ``CUDA_CHECK_PERIOD``) and by ``check``. On the
+    CPU, where reading costs nothing (default ``period`` 1), the loss is read every iteration and the terms only once
+    it is not finite (a non-finite term makes the loss, their sum, non-finite). ``what`` names the loop; ``hint``
+    says what to try, and ``start_hint`` what gave a non-finite term in the first iteration, before any step.
     """
 
-    def __init__(self, what: str, pair_ids: Sequence[str] | None = None, hint: str = "", start_hint: str = ""):
-        self.what, self.pair_ids, self.hint, self.start_hint = what, pair_ids, hint, start_hint
+    def __init__(self, what: str, pair_ids: Sequence[str] | None = None, hint: str = "", start_hint: str = "",
+                 period: int | None = None):
+        self.what, self.pair_ids, self.hint, self.start_hint, self.period = what, pair_ids, hint, start_hint, period
         self.first: torch.Tensor | None = None  # (terms, B): first non-finite iteration, 0 while finite
 
     def update(self, iteration: int, terms: Mapping[str, torch.Tensor]) -> None:
         """Record the terms of ``iteration`` (counted from 1); raise NonFiniteError when it is time to read."""
-        on_cuda = terms["loss"].device.type == "cuda"
-        if not on_cuda and bool(torch.isfinite(terms["loss"]).all()):
+        period = self.period or (CUDA_CHECK_PERIOD if terms["loss"].device.type == "cuda" else 1)
+        if period == 1 and bool(torch.isfinite(terms["loss"]).all()):
             return
         nonfinite = ~torch.isfinite(torch.stack([terms[key].detach().reshape(-1) for key in TERMS]))
         if self.first is None:
             self.first = torch.zeros(nonfinite.shape, dtype=torch.long, device=nonfinite.device)
         self.first = torch.where(nonfinite & (self.first == 0), iteration, self.first)
-        if not on_cuda or iteration % CUDA_CHECK_PERIOD == 0:
+        if iteration % period == 0:
             self.check()
 
     def check(self) -> None:
