@@ -205,8 +205,9 @@ def test_the_affine_step_is_repeatable(demo_pair):
     """Its random sampling is seeded: the same inputs give the same transform."""
     fixed, moving = (sitk.ReadImage(str(demo_pair[key]), sitk.sitkFloat32) for key in ("fixed_im", "moving_im"))
     first, second = (affine_register(fixed, moving) for _ in range(2))
-    # equal up to the order of the threads' sums (another sample of the voxels would move them by ~1e-3)
-    np.testing.assert_allclose(first.GetParameters(), second.GetParameters(), rtol=0, atol=1e-9)
+    # equal up to the order of the threads' sums, which moved a translation by 1.6e-9 mm on a loaded machine
+    # (another sample of the voxels moves them by ~1e-3)
+    np.testing.assert_allclose(first.GetParameters(), second.GetParameters(), rtol=0, atol=1e-6)
 
 
 def test_initial_transform_from_a_file_is_the_affine_step(demo_pair, shifted, tmp_path):
