@@ -17,6 +17,8 @@ from benchmarks.paper_budget import (BUDGETS, FOLDS, PROTOCOL, Ledger, Protocol,
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+needs_synthbrain = pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "synthbrain").is_dir(),
+                                      reason="../shared/data/synthbrain is absent (the configs name it)")
 FIELDS = ("pair_id", "sample", "structure", "status", "dice", "asd_mm", "folding_percent_reference")
 
 
@@ -131,11 +133,13 @@ def test_w_reg_is_chosen_on_the_given_pairs_and_read_off_the_sweep_in_log_w():
     assert outside and values["h"]["dice"] == pytest.approx(0.1)
 
 
+@needs_synthbrain
 def test_the_default_objective_trains_the_committed_configs_unchanged(tmp_path):
     protocol = Protocol(["SSD", "LCC"], tmp_path / "out", root=ROOT / PROTOCOL)
     assert protocol.training_sets("SSD") == protocol.training_sets("LCC") == []
 
 
+@needs_synthbrain
 @pytest.mark.parametrize("metric", ["SSD", "LCC"])
 def test_another_objective_trains_under_its_own_name_with_the_same_budgets(tmp_path, metric):
     protocol = Protocol([metric], tmp_path / "out", root=ROOT / PROTOCOL, objective="alignment_ranking",

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from benchmarks.paper_budget import PROTOCOL
 from benchmarks.theta_pilot import main
-from utils.config import load_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_pilot_steps_each_theta_loss_and_reports_theta(tmp_path, capsys):
-    data = load_config(PROTOCOL / "SSD" / "config_train_SSD.json").data_loader.args.data_path
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthbrain"  # the configs' data_path
     if not (data / "pairs_dev.csv").is_file():
         pytest.skip(f"SynthBrain data not found at {data}")
     variants = {"contrastive": ["SSD", None], "ranking": ["SSD", {"type": "alignment_ranking"}]}
